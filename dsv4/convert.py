@@ -71,7 +71,9 @@ def _rename(rest: str, rules: list[tuple[str, str]]) -> str | None:
     return None
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    state_dict: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """dsv4 names -> transformers names. MTP tensors are dropped (transformers has no MTP)."""
     out: dict[str, torch.Tensor] = {}
     pending_gate_up: dict[int, dict[str, torch.Tensor]] = {}
@@ -94,13 +96,19 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -
         out[f"model.layers.{layer}.{new_rest}"] = tensor
     for layer, parts in pending_gate_up.items():
         if set(parts) != {"w1", "w3"}:
-            raise KeyError(f"layer {layer}: routed experts need both w1 and w3, got {sorted(parts)}")
-        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat((parts["w1"], parts["w3"]), dim=1)
+            raise KeyError(
+                f"layer {layer}: routed experts need both w1 and w3, got {sorted(parts)}"
+            )
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat(
+            (parts["w1"], parts["w3"]), dim=1
+        )
     _check_layers(out, config, hf=True)
     return out
 
 
-def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    state_dict: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """transformers names -> dsv4 names. Non-persistent rotary buffers are skipped; MTP weights
     are not in a transformers state dict, so load the result with `strict=False` if the model
     has an MTP block (or initialize it yourself)."""

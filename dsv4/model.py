@@ -49,6 +49,26 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """A bias-free linear layer whose weights ship in FP8 in the official checkpoints.
+
+    With `quant_sim` its input is FP8-quantized per 1x128 block first, as the reference's
+    FP8 GEMM does (spec §8); otherwise it is a plain `nn.Linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, quant_sim: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.quant_sim = quant_sim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(act_quant(x) if self.quant_sim else x)
+
+
+def act_quant(x: torch.Tensor) -> torch.Tensor:
+    """FP8 round trip of activations in 1x128 blocks along the input dim (spec §8)."""
+    return fp8_e4m3_roundtrip(x, block=128)
+
+
 # ---------------------------------------------------------------------------------------------
 # RoPE with per-layer tables (spec §4.2)
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +87,9 @@ def rope_inv_freq(cfg: ModelConfig, compressed_layer: bool) -> torch.Tensor:
         return inv_freq.float()
 
     def correction_dim(rotations: float) -> float:
-        return dim * math.log(cfg.original_seq_len / (2 * math.pi * rotations)) / (2 * math.log(base))
+        return (
+            dim * math.log(cfg.original_seq_len / (2 * math.pi * rotations)) / (2 * math.log(base))
+        )
 
     low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
     high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
@@ -78,7 +100,9 @@ def rope_inv_freq(cfg: ModelConfig, compressed_layer: bool) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of angle position * theta_i: [..., rope_dim // 2] fp32 for positions [...]."""
     angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
     return angles.cos(), angles.sin()
@@ -138,7 +162,7 @@ class HyperConnection(nn.Module):
         self.norm_eps = cfg.norm_eps
 
     def pre(self, x: torch.Tensor, fn, base, scale) -> tuple[torch.Tensor, ...]:
-        """x: [B, S, N, d] -> (collapsed block input [B, S, d], post [B, S, N], comb [B, S, N, N])."""
+        """x: [B, S, N, d] -> (block input [B, S, d], post [B, S, N], comb [B, S, N, N])."""
         n = self.n
         mix = hc_mix(x, fn, self.norm_eps)
         base, scale = base.float(), scale.float()
@@ -150,7 +174,9 @@ class HyperConnection(nn.Module):
         return collapsed, post, comb
 
     @staticmethod
-    def post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    def post(
+        y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+    ) -> torch.Tensor:
         """New stream j = post_j * y + sum_i comb[i, j] * X_i (comb's first index = source)."""
         mixed = torch.einsum("...ij,...id->...jd", comb, x.float())
         return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(x.dtype)
@@ -166,7 +192,9 @@ def hc_head(x: torch.Tensor, fn, base, scale, hc_eps: float, norm_eps: float) ->
 def hc_params(module: nn.Module, prefix: str, cfg: ModelConfig, rows: int) -> None:
     """Register `{prefix}_fn [rows, N*d]`, `{prefix}_base [rows]`, `{prefix}_scale` (fp32)."""
     n_scales = 3 if rows == (2 + cfg.hc_mult) * cfg.hc_mult else 1
-    module.register_parameter(f"{prefix}_fn", nn.Parameter(torch.zeros(rows, cfg.hc_mult * cfg.dim)))
+    module.register_parameter(
+        f"{prefix}_fn", nn.Parameter(torch.zeros(rows, cfg.hc_mult * cfg.dim))
+    )
     module.register_parameter(f"{prefix}_base", nn.Parameter(torch.zeros(rows)))
     module.register_parameter(f"{prefix}_scale", nn.Parameter(torch.ones(n_scales)))
 
@@ -226,13 +254,17 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, cfg.norm_eps)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token kv and gate rows in fp32; gate gets `ape[slot in window]`. x: [B, S, dim]."""
         kv = self.wkv(x).float()
         gate = self.wgate(x).float() + self.ape.float()[positions % self.ratio]
         return kv, gate
 
-    def finish(self, pooled: torch.Tensor, first_entry: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    def finish(
+        self, pooled: torch.Tensor, first_entry: int, inv_freq: torch.Tensor
+    ) -> torch.Tensor:
         """RMSNorm, then RoPE at entry position i*ratio. pooled: [B, n, D] -> [B, n, D]."""
         entries = self.norm(pooled)
         positions = (torch.arange(pooled.shape[1], device=pooled.device) + first_entry) * self.ratio
@@ -267,7 +299,7 @@ class Indexer(nn.Module):
         self.head_dim = cfg.index_head_dim
         self.topk = cfg.index_topk
         self.quant_sim = cfg.quant_sim
-        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, cfg.quant_sim)
         self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False)
         self.compressor = Compressor(cfg, ratio=4, head_dim=cfg.index_head_dim)
 
@@ -310,7 +342,9 @@ class Indexer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def window_attention_blocks(q: torch.Tensor, kv: torch.Tensor, window: int) -> tuple[torch.Tensor, ...]:
+def window_attention_blocks(
+    q: torch.Tensor, kv: torch.Tensor, window: int
+) -> tuple[torch.Tensor, ...]:
     """Scores of every query against its sliding window, computed block by block.
 
     Queries in block b (of `window` tokens) can only see keys in blocks b-1 and b, so the cost is
@@ -381,28 +415,30 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.window = cfg.window_size
         self.softmax_scale = cfg.head_dim**-0.5
-        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, cfg.quant_sim)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wkv = nn.Linear(cfg.dim, cfg.head_dim, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, cfg.quant_sim)
+        self.wkv = Linear(cfg.dim, cfg.head_dim, cfg.quant_sim)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         group_in = cfg.n_heads * cfg.head_dim // cfg.o_groups
         self.wo_a = nn.Linear(group_in, cfg.o_groups * cfg.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, cfg.quant_sim)
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
         self.compressor = Compressor(cfg, compress_ratio, cfg.head_dim) if compress_ratio else None
         self.indexer = Indexer(cfg) if compress_ratio == 4 else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg, compress_ratio > 0), persistent=False)
 
     def simulate_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        """FP8 round trip of the non-RoPE dims of a KV entry (QAT numerics, spec §8)."""
+        """FP8 round trip (blocks of 64) of the non-RoPE dims of a KV entry (spec §8)."""
         if not self.cfg.quant_sim:
             return x
         nope = self.head_dim - self.cfg.rope_head_dim
         return torch.cat((fp8_e4m3_roundtrip(x[..., :nope]), x[..., nope:]), dim=-1)
 
     # -- pieces shared by the full-sequence forward and a cached decode ----------------------
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """x: [B, S, dim] -> (q [B, S, H, D] scaled for softmax, kv [B, S, D], q latent)."""
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))
@@ -456,12 +492,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 class Expert(nn.Module):
     """The shared expert (w1 = gate, w3 = up, w2 = down)."""
 
-    def __init__(self, dim: int, inter_dim: int, limit: float):
+    def __init__(self, dim: int, inter_dim: int, limit: float, quant_sim: bool = False):
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim, quant_sim)
+        self.w2 = Linear(inter_dim, dim, quant_sim)
+        self.w3 = Linear(dim, inter_dim, quant_sim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
@@ -470,14 +506,19 @@ class Expert(nn.Module):
 class RoutedExperts(nn.Module):
     """E experts stored stacked: w1, w3 [E, inter, dim], w2 [E, dim, inter]."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float):
+    def __init__(
+        self, n_experts: int, dim: int, inter_dim: int, limit: float, quant_sim: bool = False
+    ):
         super().__init__()
         self.limit = limit
+        self.quant_sim = quant_sim
         self.w1 = nn.Parameter(torch.zeros(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.zeros(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.zeros(n_experts, inter_dim, dim))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x: [T, dim]; indices, weights: [T, k]. Tokens are grouped by expert (sorted once)."""
         n_tokens, k = indices.shape
         flat = indices.flatten()
@@ -491,10 +532,16 @@ class RoutedExperts(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            xe = x[rows]
-            h = swiglu(F.linear(xe, self.w1[e].to(x.dtype)), F.linear(xe, self.w3[e].to(x.dtype)),
-                       self.limit)
-            h = (h * routed_w[start : start + count, None]).to(x.dtype)  # weight on h, as the reference
+            xe = act_quant(x[rows]) if self.quant_sim else x[rows]
+            h = swiglu(
+                F.linear(xe, self.w1[e].to(x.dtype)),
+                F.linear(xe, self.w3[e].to(x.dtype)),
+                self.limit,
+            )
+            h = (h * routed_w[start : start + count, None]).to(
+                x.dtype
+            )  # weight on h, as the reference
+            h = act_quant(h) if self.quant_sim else h
             out.index_add_(0, rows, F.linear(h, self.w2[e].to(x.dtype)).float())
             start += count
         return out.to(x.dtype)
@@ -515,7 +562,9 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.dim))
         if hash_routed:
             # Frozen token-id -> experts table; a persistent buffer so it is always checkpointed.
-            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long))
+            self.register_buffer(
+                "tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long)
+            )
         else:
             self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
 
@@ -546,9 +595,13 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, hash_routed: bool):
         super().__init__()
         self.gate = Gate(cfg, hash_routed)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
+        self.experts = RoutedExperts(
+            cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, cfg.quant_sim
+        )
         self.shared_experts = (
-            Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_limit)
+            Expert(
+                cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_limit, cfg.quant_sim
+            )
             if cfg.n_shared_experts
             else None
         )
@@ -582,7 +635,9 @@ class Block(nn.Module):
         hc_params(self, "hc_ffn", cfg, rows)
         self.hc = HyperConnection(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """x: [B, S, N, dim] residual streams -> same shape."""
         h, post, comb = self.hc.pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
         x = self.hc.post(self.attn(self.attn_norm(h), positions), x, post, comb)
@@ -596,20 +651,24 @@ class MTPBlock(Block):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, cfg.mtp_compress_ratio, hash_routed=False)
-        self.e_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.h_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.e_proj = Linear(cfg.dim, cfg.dim, cfg.quant_sim)
+        self.h_proj = Linear(cfg.dim, cfg.dim, cfg.quant_sim)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         hc_params(self, "hc_head", cfg, cfg.hc_mult)
 
-    def forward(self, x: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """x: [B, S, N, dim] main final streams; next_embed: [B, S, dim] embedding of token t+1.
         Returns the normalized hidden state [B, S, dim] fed to the shared head."""
         streams = self.h_proj(self.hnorm(x)) + self.e_proj(self.enorm(next_embed)).unsqueeze(-2)
         streams = super().forward(streams, positions, None)
         cfg_eps = self.hc.hc_eps, self.hc.norm_eps
-        return self.norm(hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *cfg_eps))
+        return self.norm(
+            hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *cfg_eps)
+        )
 
 
 class Transformer(nn.Module):
@@ -620,7 +679,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
-            Block(cfg, cfg.compress_ratios[i], hash_routed=i < cfg.n_hash_layers) for i in range(cfg.n_layers)
+            Block(cfg, cfg.compress_ratios[i], hash_routed=i < cfg.n_hash_layers)
+            for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -668,8 +728,16 @@ class Transformer(nn.Module):
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         """HC head then the final norm: [B, S, N, dim] -> [B, S, dim]."""
-        return self.norm(hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
-                                 self.cfg.hc_eps, self.cfg.norm_eps))
+        return self.norm(
+            hc_head(
+                x,
+                self.hc_head_fn,
+                self.hc_head_base,
+                self.hc_head_scale,
+                self.cfg.hc_eps,
+                self.cfg.norm_eps,
+            )
+        )
 
     def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None):
         """input_ids: [B, S] -> logits [B, S, V] (fp32).
@@ -692,9 +760,14 @@ class Transformer(nn.Module):
 
     def check_ids(self, ids: torch.Tensor, like: torch.Tensor | None = None) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"token ids must be an integer tensor [batch, seq], got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(
+                f"token ids must be an integer tensor [batch, seq], "
+                f"got {ids.dtype} {tuple(ids.shape)}"
+            )
         if like is not None and ids.shape != like.shape:
-            raise ValueError(f"mtp_input_ids shape {tuple(ids.shape)} != input_ids shape {tuple(like.shape)}")
+            raise ValueError(
+                f"mtp_input_ids shape {tuple(ids.shape)} != input_ids shape {tuple(like.shape)}"
+            )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")

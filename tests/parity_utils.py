@@ -13,11 +13,28 @@ from dsv4.model import Gate, Transformer, random_hash_table
 def tiny_config(**overrides) -> ModelConfig:
     """All three layer types with the real compression rates 4 and 128, hash layers, MTP."""
     fields = dict(
-        vocab_size=160, dim=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=16,
-        q_lora_rank=32, o_groups=2, o_lora_rank=16, compress_ratios=[0, 4, 128, 4, 0],
-        window_size=128, index_n_heads=8, index_head_dim=32, index_topk=8,
-        n_routed_experts=8, n_activated_experts=2, moe_inter_dim=32, n_hash_layers=2,
-        max_seq_len=4096, original_seq_len=256, dtype="bf16", expert_dtype="bf16",
+        vocab_size=160,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        head_dim=32,
+        rope_head_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        compress_ratios=[0, 4, 128, 4, 0],
+        window_size=128,
+        index_n_heads=8,
+        index_head_dim=32,
+        index_topk=8,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        moe_inter_dim=32,
+        n_hash_layers=2,
+        max_seq_len=4096,
+        original_seq_len=256,
+        dtype="bf16",
+        expert_dtype="bf16",
     )
     fields.update(overrides)
     return ModelConfig(**fields)
@@ -59,7 +76,9 @@ def hf_model_from(model: Transformer):
     hf_cfg = DeepseekV4Config(**model.cfg.to_hf_dict())
     hf_cfg._attn_implementation = "eager"
     hf = DeepseekV4ForCausalLM(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
+    missing, unexpected = hf.load_state_dict(
+        to_hf_state_dict(model.state_dict(), model.cfg), strict=False
+    )
     missing = [k for k in missing if "inv_freq" not in k]
     assert not missing and not unexpected, (missing, unexpected)
     return hf
