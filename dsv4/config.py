@@ -181,11 +181,26 @@ class ModelConfig:
             value = getattr(self, name)
             need(is_int(value) and 0 <= value < self.vocab_size, name,
                  f"must be a token id below vocab_size={self.vocab_size}")
+        if self.quant_sim:
+            self._validate_quant_sim(need)
         # The MTP block's slot counts too: a CSA MTP block also runs the indexer.
         if 4 in self.compress_ratios:
             max_entries = self.max_seq_len // 4
             need(self.index_topk <= max_entries, "index_topk",
                  f"cannot exceed the number of CSA entries at max_seq_len ({max_entries})")
+
+    def _validate_quant_sim(self, need) -> None:
+        """The simulated FP8/FP4 blocks must tile the tensors they quantize (spec §8)."""
+        need(self.nope_head_dim % 64 == 0, "head_dim",
+             "quant_sim needs head_dim - rope_head_dim divisible by 64 (FP8 KV blocks)")
+        size = self.index_head_dim
+        need(size % 32 == 0 and size & (size - 1) == 0, "index_head_dim",
+             "quant_sim needs a power of two divisible by 32 (Hadamard, FP4 blocks)")
+        for name in ("dim", "q_lora_rank", "moe_inter_dim"):
+            need(getattr(self, name) % 128 == 0, name,
+                 "quant_sim needs a multiple of 128 (FP8 activation blocks)")
+        need(self.o_groups * self.o_lora_rank % 128 == 0, "o_lora_rank",
+             "quant_sim needs o_groups * o_lora_rank divisible by 128 (FP8 activation blocks)")
 
     # ---- presets ----------------------------------------------------------------------
     @classmethod
@@ -256,7 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A few million parameters: every V4 part at laptop size (all three layer types, a hash
     # layer, mHC, MTP), real compression rates 4 and 128.
     "nano": dict(
-        vocab_size=4096, dim=256, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=32,
+        vocab_size=4096, dim=256, n_layers=4, n_heads=4, head_dim=128, rope_head_dim=64,
         q_lora_rank=128, o_groups=2, o_lora_rank=128, compress_ratios=[0, 4, 128, 4, 0],
         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=8,
         n_activated_experts=2, moe_inter_dim=128, n_hash_layers=1, route_scale=1.5,

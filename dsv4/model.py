@@ -83,7 +83,7 @@ def rope_inv_freq(cfg: ModelConfig, compressed_layer: bool) -> torch.Tensor:
     dim = cfg.rope_head_dim
     base = cfg.compress_rope_theta if compressed_layer else cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if not compressed_layer:
+    if not compressed_layer or not cfg.original_seq_len:  # original_seq_len 0: YaRN off
         return inv_freq.float()
 
     def correction_dim(rotations: float) -> float:

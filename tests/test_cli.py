@@ -50,7 +50,7 @@ def test_info_context_changes_kv(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "info", "--preset", "nano", "--context", "4096", "--json")
     report = json.loads(out)
     assert report["context"] == 4096
-    assert report["kv_cache"]["fp8"]["total_bytes"] == 4 * 128 * 98 + 2 * 1024 * 132 + 32 * 98
+    assert report["kv_cache"]["fp8"]["total_bytes"] == 4 * 128 * 194 + 2 * 1024 * 228 + 32 * 194
 
 
 def test_info_from_config_file_and_folder(tmp_path: Path,

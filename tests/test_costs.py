@@ -70,8 +70,8 @@ def test_entry_layouts() -> None:
     fp8, bf16 = costs.fp8_layout(FLASH), costs.bf16_layout(FLASH)
     assert (fp8.main_entry, fp8.indexer_entry) == (584, 68)
     assert (bf16.main_entry, bf16.indexer_entry) == (1024, 256)
-    nano = costs.fp8_layout(ModelConfig.from_preset("nano"))  # head 64 (rope 32), index 64
-    assert (nano.main_entry, nano.indexer_entry) == (32 + 64 + 1 + 1, 32 + 2)
+    nano = costs.fp8_layout(ModelConfig.from_preset("nano"))  # head 128 (rope 64), index 64
+    assert (nano.main_entry, nano.indexer_entry) == (64 + 128 + 1 + 1, 32 + 2)
     assert costs.v32_bytes_per_token("fp8") == 48_068
     assert costs.v32_bytes_per_token("bf16") == 85_888
 
@@ -100,14 +100,14 @@ def test_bf16_accounting_of_pro() -> None:
 
 
 def test_kv_formula_by_hand() -> None:
-    cfg = ModelConfig.from_preset("nano")  # 1 sliding, 2 CSA, 1 HCA; entries 98 B / 34 B
+    cfg = ModelConfig.from_preset("nano")  # 1 sliding, 2 CSA, 1 HCA; entries 194 B / 34 B
     t = 1000
     kv = costs.kv_cache_bytes(cfg, t)
-    assert kv["window_bytes"] == 4 * 128 * 98
-    assert kv["csa_main_bytes"] == 2 * 250 * 98
+    assert kv["window_bytes"] == 4 * 128 * 194
+    assert kv["csa_main_bytes"] == 2 * 250 * 194
     assert kv["csa_indexer_bytes"] == 2 * 250 * 34
-    assert kv["hca_bytes"] == 1 * 7 * 98  # floor(1000 / 128) = 7 entries
-    assert kv["total_bytes"] == 4 * 128 * 98 + 2 * 250 * (98 + 34) + 7 * 98
+    assert kv["hca_bytes"] == 1 * 7 * 194  # floor(1000 / 128) = 7 entries
+    assert kv["total_bytes"] == 4 * 128 * 194 + 2 * 250 * (194 + 34) + 7 * 194
     assert kv["bytes_per_token"] == kv["total_bytes"] / t
 
 

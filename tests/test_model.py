@@ -119,6 +119,15 @@ def test_yarn_ramp_matches_spec_for_the_released_rope() -> None:
     )
 
 
+def test_yarn_is_off_without_an_original_length() -> None:
+    """Configs without `rope_scaling` read as original_seq_len 0: plain RoPE everywhere."""
+    cfg = tiny_config(original_seq_len=0)
+    torch.testing.assert_close(
+        rope_inv_freq(cfg, compressed_layer=True),
+        1.0 / (cfg.compress_rope_theta ** (torch.arange(0, 16, 2).float() / 16)),
+    )
+
+
 def test_indexer_selection_respects_visibility_and_topk() -> None:
     scores = torch.randn(1, 12, 3)
     n_visible = torch.div(torch.arange(12) + 1, 4, rounding_mode="floor").unsqueeze(0)
