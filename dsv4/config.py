@@ -138,11 +138,11 @@ class ModelConfig:
             "vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
             "o_lora_rank", "window_size", "index_n_heads", "index_head_dim", "index_topk",
             "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_mult",
-            "hc_sinkhorn_iters", "max_seq_len",
+            "hc_sinkhorn_iters", "max_seq_len", "rope_head_dim",
         ):
             value = getattr(self, name)
             need(is_int(value) and value > 0, name, "must be a positive integer")
-        for name in ("n_shared_experts", "n_hash_layers", "n_mtp_layers", "rope_head_dim",
+        for name in ("n_shared_experts", "n_hash_layers", "n_mtp_layers",
                      "original_seq_len", "beta_fast", "beta_slow"):
             value = getattr(self, name)
             need(is_int(value) and value >= 0, name, "must be a non-negative integer")

@@ -520,7 +520,7 @@ class RoutedExperts(nn.Module):
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """x: [T, dim]; indices, weights: [T, k]. Tokens are grouped by expert (sorted once)."""
-        n_tokens, k = indices.shape
+        k = indices.shape[1]
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
@@ -538,10 +538,8 @@ class RoutedExperts(nn.Module):
                 F.linear(xe, self.w3[e].to(x.dtype)),
                 self.limit,
             )
-            h = (h * routed_w[start : start + count, None]).to(
-                x.dtype
-            )  # weight on h, as the reference
-            h = act_quant(h) if self.quant_sim else h
+            h = h * routed_w[start : start + count, None]  # weight on h, as the reference
+            h = act_quant(h.to(x.dtype)) if self.quant_sim else h.to(x.dtype)
             out.index_add_(0, rows, F.linear(h, self.w2[e].to(x.dtype)).float())
             start += count
         return out.to(x.dtype)
@@ -665,10 +663,9 @@ class MTPBlock(Block):
         Returns the normalized hidden state [B, S, dim] fed to the shared head."""
         streams = self.h_proj(self.hnorm(x)) + self.e_proj(self.enorm(next_embed)).unsqueeze(-2)
         streams = super().forward(streams, positions, None)
-        cfg_eps = self.hc.hc_eps, self.hc.norm_eps
-        return self.norm(
-            hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *cfg_eps)
-        )
+        eps = self.hc.hc_eps, self.hc.norm_eps
+        streams = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps)
+        return self.norm(streams)
 
 
 class Transformer(nn.Module):
@@ -728,16 +725,8 @@ class Transformer(nn.Module):
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         """HC head then the final norm: [B, S, N, dim] -> [B, S, dim]."""
-        return self.norm(
-            hc_head(
-                x,
-                self.hc_head_fn,
-                self.hc_head_base,
-                self.hc_head_scale,
-                self.cfg.hc_eps,
-                self.cfg.norm_eps,
-            )
-        )
+        eps = self.cfg.hc_eps, self.cfg.norm_eps
+        return self.norm(hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps))
 
     def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None):
         """input_ids: [B, S] -> logits [B, S, V] (fp32).
