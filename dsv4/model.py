@@ -757,8 +757,11 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"mtp_input_ids shape {tuple(ids.shape)} != input_ids shape {tuple(like.shape)}"
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        if not ids.numel():
+            return
+        lowest, highest = int(ids.min()), int(ids.max())
+        if lowest < 0 or highest >= self.cfg.vocab_size:
+            bad = lowest if lowest < 0 else highest
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")
 
 
