@@ -2,14 +2,19 @@
 
 from dsv4.config import ModelConfig
 
-__all__ = ["ModelConfig", "Transformer"]
+__all__ = ["ModelConfig", "Transformer", "load", "save"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The network is imported lazily so that `dsv4 info` and config tooling stay light.
+    # The network and the checkpoint code are imported lazily so that `import dsv4`,
+    # `dsv4 info` and config tooling stay light (no torch import).
     if name == "Transformer":
         from dsv4.model import Transformer
 
         return Transformer
+    if name in ("load", "save"):
+        from dsv4 import checkpoint
+
+        return getattr(checkpoint, name)
     raise AttributeError(name)

@@ -12,10 +12,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsv4.files import write_json_atomic
 
 # compress ratio -> attention kind (spec architecture.md §2)
 LAYER_KINDS = {0: "sliding", 4: "csa", 128: "hca"}
@@ -92,6 +93,9 @@ class ModelConfig:
     scale_fmt: str | None = "ue8m0"
     # QAT numerics simulation of spec §8 (FP8 KV, FP4 indexer): off by default
     quant_sim: bool = False
+    # Ablation switch (bench/train_mhc.py): a plain residual stream x + F(x) instead of mHC.
+    # The mHC parameters stay in the model (unused), so state dicts keep their names.
+    hc_plain_residual: bool = False
 
     def __post_init__(self) -> None:
         ratios = self.compress_ratios
@@ -151,6 +155,8 @@ class ModelConfig:
             value = getattr(self, name)
             need(is_number(value) and value > 0, name, "must be a positive number")
         need(isinstance(self.quant_sim, bool), "quant_sim", "must be true or false")
+        need(isinstance(self.hc_plain_residual, bool), "hc_plain_residual",
+             "must be true or false")
         need(self.n_mtp_layers <= 1, "n_mtp_layers", "only MTP depth 0 or 1 is supported")
         need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers, "compress_ratios",
              f"needs n_layers + n_mtp_layers = {self.n_layers + self.n_mtp_layers} entries "
@@ -307,7 +313,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 #              the value of both released models).
 #
 # What a dialect cannot carry comes back as the ModelConfig default after a round trip:
-#   all three   quant_sim (a runtime choice, not a property of the weights).
+#   all three   quant_sim (a runtime choice, not a property of the weights) and
+#               hc_plain_residual (an ablation of ours, not a V4 model).
 #   inference   bos_token_id, eos_token_id: the official `ModelArgs(**json)` has no such fields
 #               and would refuse them.
 #   official,hf scale_fmt when dtype == "bf16" (no quantization_config is written), and
@@ -492,22 +499,6 @@ def read_config_file(path: str | os.PathLike[str]) -> ModelConfig:
                           f"column {err.colno}") from None
     return parse_config_dict(data, str(target))
 
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is not a secret
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _build(values: dict[str, Any], source: str, key_of: dict[str, str]) -> ModelConfig:

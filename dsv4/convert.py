@@ -145,3 +145,53 @@ def _check_layers(state_dict: dict[str, torch.Tensor], config: ModelConfig, hf: 
         match = pattern.match(key)
         if match and int(match.group(1)) >= config.n_layers:
             raise KeyError(f"tensor {key!r} has layer index >= n_layers={config.n_layers}")
+
+
+# ---- name-level mappings used by the checkpoint reader/writer -------------------------------
+# Our names -> transformers runtime names, one tensor at a time. `w1`/`w3` map to the two halves
+# of `gate_up_proj`, returned as (name, half) with half 0 = gate (rows :inter), 1 = up.
+def hf_runtime_name(name: str) -> tuple[str, int | None] | None:
+    """transformers' `DeepseekV4ForCausalLM` parameter name of one of our tensors (and the half
+    of `gate_up_proj` for routed w1 / w3); None for tensors transformers lacks (`mtp.*`)."""
+    if name.startswith("mtp."):
+        return None
+    if name in _TOP_RULES:
+        return _TOP_RULES[name], None
+    match = _LAYER_KEY.match(name)
+    if match is None:
+        raise KeyError(f"unknown dsv4 tensor name {name!r}")
+    layer, rest = match.group(1), match.group(2)
+    if rest in ("ffn.experts.w1", "ffn.experts.w3"):
+        return f"model.layers.{layer}.mlp.experts.gate_up_proj", 0 if rest.endswith("w1") else 1
+    new_rest = _rename(rest, _LAYER_RULES)
+    if new_rest is None:
+        raise KeyError(f"unknown dsv4 tensor name {name!r}")
+    return f"model.layers.{layer}.{new_rest}", None
+
+
+# What `DeepseekV4ForCausalLM.save_pretrained` (transformers 5.x) writes: its conversion mapping
+# runs backwards on save, which restores the official names (§14.2) with routed experts split
+# per expert, but leaves a `model.` prefix on everything except `head.weight`, renames the top
+# level like the runtime names, and turns the attention's `kv_norm` into `norm` (the inverse of
+# the compressor's `norm -> kv_norm`). Checked against a real save in tests/test_convert.py.
+_SAVED_TOP: dict[str, str] = {
+    "embed.weight": "model.embed_tokens.weight",
+    "head.weight": "head.weight",
+    "norm.weight": "model.norm.weight",
+    "hc_head_fn": "model.hc_head.hc_fn",
+    "hc_head_base": "model.hc_head.hc_base",
+    "hc_head_scale": "model.hc_head.hc_scale",
+}
+_KV_NORM = re.compile(r"^(layers\.\d+\.attn\.)kv_norm\.")
+
+
+def hf_saved_name(official_name: str) -> str:
+    """The name `save_pretrained` gives a tensor whose official (§14.2) name is given.
+    `mtp.*` keeps its official name (transformers ignores it on load; vLLM reads it)."""
+    if official_name in _SAVED_TOP:
+        return _SAVED_TOP[official_name]
+    if official_name.startswith("mtp."):
+        return official_name
+    if not official_name.startswith("layers."):
+        raise KeyError(f"unknown official tensor name {official_name!r}")
+    return "model." + _KV_NORM.sub(r"\1norm.", official_name)

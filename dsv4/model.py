@@ -11,6 +11,16 @@ entries, N mHC streams.
 Everything here is a full-sequence (training / scoring) forward. The attention is split into
 projection, compression, selection and the core sparse attention so that an inference cache can
 feed its own window and compressed entries into the same pieces.
+
+Training additions (all optional, off by default):
+- Document masking: `forward(..., doc_ids=[B, S])` treats each run of equal ids as its own
+  document: RoPE positions restart at every document, the window attention, the compressed
+  entries (CSA overlap rows included), the indexer and the MTP block never look across a
+  boundary. A compression window holding tokens of two documents produces no entry. With every
+  document starting at a multiple of 128 (the packer's alignment), a packed row gives exactly
+  the logits of each document run alone (tests/test_model_training.py).
+- Lightning Indexer training (`Transformer.set_indexer_mode`), see `Attention.compressed`.
+- `ModelConfig.hc_plain_residual`: a plain residual stream in place of mHC (an ablation).
 """
 
 from __future__ import annotations
@@ -160,9 +170,15 @@ class HyperConnection(nn.Module):
         self.iters = cfg.hc_sinkhorn_iters
         self.hc_eps = cfg.hc_eps
         self.norm_eps = cfg.norm_eps
+        self.plain = cfg.hc_plain_residual
 
     def pre(self, x: torch.Tensor, fn, base, scale) -> tuple[torch.Tensor, ...]:
-        """x: [B, S, N, d] -> (block input [B, S, d], post [B, S, N], comb [B, S, N, N])."""
+        """x: [B, S, N, d] -> (block input [B, S, d], post [B, S, N], comb [B, S, N, N]).
+
+        With `hc_plain_residual` the N streams are identical copies of one residual stream:
+        the block input is that stream, and post/comb are None (`post` then adds y)."""
+        if self.plain:
+            return x[..., 0, :], None, None
         n = self.n
         mix = hc_mix(x, fn, self.norm_eps)
         base, scale = base.float(), scale.float()
@@ -177,13 +193,24 @@ class HyperConnection(nn.Module):
     def post(
         y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
     ) -> torch.Tensor:
-        """New stream j = post_j * y + sum_i comb[i, j] * X_i (comb's first index = source)."""
+        """New stream j = post_j * y + sum_i comb[i, j] * X_i (comb's first index = source).
+
+        post/comb None (plain residual): every stream becomes X + y."""
+        if post is None:
+            return x + y.to(x.dtype).unsqueeze(-2)
         mixed = torch.einsum("...ij,...id->...jd", comb, x.float())
         return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(x.dtype)
 
 
-def hc_head(x: torch.Tensor, fn, base, scale, hc_eps: float, norm_eps: float) -> torch.Tensor:
-    """Final collapse of the N streams (no post/comb): sum_i (sigmoid(.) + eps)_i X_i."""
+def hc_head(
+    x: torch.Tensor, fn, base, scale, hc_eps: float, norm_eps: float, plain: bool = False
+) -> torch.Tensor:
+    """Final collapse of the N streams (no post/comb): sum_i (sigmoid(.) + eps)_i X_i.
+
+    plain (hc_plain_residual): the streams are copies of one stream, which is returned. (Without
+    the flag a plain model differs only by a positive scale, which the final RMSNorm removes.)"""
+    if plain:
+        return x[..., 0, :]
     mix = hc_mix(x, fn, norm_eps)
     pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)
@@ -263,12 +290,21 @@ class Compressor(nn.Module):
         return kv, gate
 
     def finish(
-        self, pooled: torch.Tensor, first_entry: int, inv_freq: torch.Tensor
+        self,
+        pooled: torch.Tensor,
+        first_entry: int,
+        inv_freq: torch.Tensor,
+        entry_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """RMSNorm, then RoPE at entry position i*ratio. pooled: [B, n, D] -> [B, n, D]."""
+        """RMSNorm, then RoPE at entry position i*ratio. pooled: [B, n, D] -> [B, n, D].
+
+        entry_positions [B or 1, n]: explicit rotation positions (document-relative position of
+        each window's first token, in packed training); default (first_entry + i) * ratio."""
         entries = self.norm(pooled)
-        positions = (torch.arange(pooled.shape[1], device=pooled.device) + first_entry) * self.ratio
-        cos, sin = rope_cos_sin(inv_freq, positions.unsqueeze(0))
+        if entry_positions is None:
+            positions = torch.arange(pooled.shape[1], device=pooled.device) + first_entry
+            entry_positions = (positions * self.ratio).unsqueeze(0)
+        cos, sin = rope_cos_sin(inv_freq, entry_positions)
         return apply_rope(entries, cos, sin)
 
     def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -279,6 +315,36 @@ class Compressor(nn.Module):
         pooled = compress_windows(kv, gate, self.ratio, self.overlap)
         return self.finish(pooled, 0, inv_freq)
 
+    def forward_documents(
+        self, x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
+        doc_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries of a packed row, compressing each document on its own (spec §3.4.3).
+
+        x: [B, S, dim]; positions: [B, S] document-relative; doc_ids: [B, S].
+        Returns (entries [B, n, D], entry_doc [B, n], entry_ok [B, n] bool). A window holding
+        tokens of two documents (a document's tail followed by the next one's padding) gives no
+        usable entry (entry_ok False): it is the trailing partial block the paper discards.
+        A CSA entry pools the previous window's rows only if that window is the same document.
+        """
+        batch, n = x.shape[0], x.shape[1] // self.ratio
+        length = n * self.ratio
+        kv, gate = self.project(x[:, :length], positions[:, :length])
+        window_doc = doc_ids[:, :length].view(batch, n, self.ratio)
+        entry_doc = window_doc[..., 0]
+        entry_ok = entry_doc == window_doc[..., -1]  # documents are contiguous runs
+        if self.overlap and n > 1:
+            # Rows [:D] of window i-1 feed entry i: cut them where entry i starts a document.
+            same_doc = entry_ok[:, 1:] & entry_ok[:, :-1] & (entry_doc[:, 1:] == entry_doc[:, :-1])
+            cut = F.pad(~same_doc, (0, 1), value=True)  # [B, n]: window i feeds no next entry
+            d = self.head_dim
+            gate = gate.view(batch, n, self.ratio, 2 * d)
+            low = gate[..., :d].masked_fill(cut.view(batch, n, 1, 1), float("-inf"))
+            gate = torch.cat((low, gate[..., d:]), dim=-1).view(batch, length, 2 * d)
+        pooled = compress_windows(kv, gate, self.ratio, self.overlap)
+        entry_positions = positions[:, :length : self.ratio]
+        return self.finish(pooled, 0, inv_freq, entry_positions), entry_doc, entry_ok
+
 
 # ---------------------------------------------------------------------------------------------
 # Lightning Indexer (CSA layers) — spec §6.2
@@ -288,6 +354,26 @@ class Compressor(nn.Module):
 def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
     """Number of compressed entries query t may use: (t + 1) // ratio (the code's rule)."""
     return torch.div(positions + 1, ratio, rounding_mode="floor")
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of every token inside its document (runs of equal ids): [B, S] -> [B, S]."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def visible_document_entries(
+    doc_ids: torch.Tensor, entry_doc: torch.Tensor, entry_ok: torch.Tensor, ratio: int
+) -> torch.Tensor:
+    """[B, S, C] bool: entry s is complete by query t (s < (t+1)//ratio) and of t's document."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    complete = torch.arange(entry_doc.shape[1], device=doc_ids.device) < visible_entries(
+        index, ratio
+    ).unsqueeze(-1)  # [S, C]
+    same = (doc_ids.unsqueeze(-1) == entry_doc.unsqueeze(1)) & entry_ok.unsqueeze(1)
+    return complete & same
 
 
 class Indexer(nn.Module):
@@ -325,16 +411,33 @@ class Indexer(nn.Module):
         scores: [B, S, C]; n_visible: [B or 1, S] entries each query may see. A query with fewer
         visible entries than k simply keeps all of them.
         """
-        n_entries = scores.shape[-1]
-        k = min(topk, n_entries)
-        entry = torch.arange(n_entries, device=scores.device)
+        entry = torch.arange(scores.shape[-1], device=scores.device)
         visible = (entry < n_visible.unsqueeze(-1)).expand(scores.shape)
+        return Indexer.select_visible(scores, visible, topk)
+
+    @staticmethod
+    def select_visible(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
+        """Top-k among the entries `visible` [B, S, C] allows, as a boolean mask [B, S, C]."""
+        k = min(topk, scores.shape[-1])
         if k == 0:
             return visible
         masked = scores.masked_fill(~visible, float("-inf"))
-        chosen = masked.topk(k, dim=-1).indices
-        selected = torch.zeros_like(visible).scatter_(-1, chosen, True)
-        return selected & visible
+        return top_k_mask(masked, k) & visible
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest scores along the last dim (exactly k per row); ties at
+    the k-th value go to the lower indices.
+
+    Index scores tie exactly whenever every head's ReLU is zero, and `topk` breaks ties in a
+    shape-dependent way; this rule makes the full-sequence forward and the cached decode pick
+    the same entries, at the cost of one `topk` (a stable sort would be 10x slower)."""
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(dim=-1, keepdim=True)
+    if not bool((tied.sum(dim=-1, keepdim=True) > room).any()):  # no row has surplus ties
+        return above | tied
+    return above | (tied & (tied.cumsum(dim=-1) <= room))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,13 +446,14 @@ class Indexer(nn.Module):
 
 
 def window_attention_blocks(
-    q: torch.Tensor, kv: torch.Tensor, window: int
+    q: torch.Tensor, kv: torch.Tensor, window: int, doc_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     """Scores of every query against its sliding window, computed block by block.
 
     Queries in block b (of `window` tokens) can only see keys in blocks b-1 and b, so the cost is
     linear in S. q: [B, S, H, D], kv: [B, S, D]. Returns (scores [B, nb, H, W, 2W] with -inf
     outside the window, keys [B, nb, 2W, D]); query t = b*W + i sees key slot j iff i < j <= i+W.
+    doc_ids [B, S]: additionally only keys of the query's own document.
     """
     batch, length, heads, dim = q.shape
     n_blocks = -(-length // window)
@@ -363,7 +467,12 @@ def window_attention_blocks(
     in_window = (j > i) & (j <= i + window)  # [W, 2W]
     first_block = in_window & (j >= window)  # block 0 has no previous block
     mask = torch.stack([first_block] + [in_window] * (n_blocks - 1))  # [nb, W, 2W]
-    scores = scores.masked_fill(~mask.view(1, n_blocks, 1, window, 2 * window), float("-inf"))
+    mask = mask.unsqueeze(0)  # [1, nb, W, 2W]
+    if doc_ids is not None:  # padding slots are outside the window already; any id will do
+        query_doc = F.pad(doc_ids, (0, pad)).view(batch, n_blocks, window)
+        key_doc = F.pad(doc_ids, (window, pad)).unfold(1, 2 * window, window)  # [B, nb, 2W]
+        mask = mask & (query_doc.unsqueeze(-1) == key_doc.unsqueeze(-2))
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
     return scores, keys
 
 
@@ -374,17 +483,22 @@ def sparse_attention(
     window: int,
     entries: torch.Tensor | None = None,
     entry_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    doc_ids: torch.Tensor | None = None,
+    return_entry_probs: bool = False,
+):
     """Full-sequence attention of V4: window keys + allowed compressed entries + sink.
 
     q: [B, S, H, D] (scaled by the caller), kv: [B, S, D] (K = V), sink: [H] logits,
-    entries: [B, C, D] compressed K = V, entry_mask: [B, S, C] bool (True = attend).
-    Returns [B, S, H, D] in q's dtype. Softmax in fp32.
+    entries: [B, C, D] compressed K = V, entry_mask: [B, S, C] bool (True = attend),
+    doc_ids: [B, S] document of each token (window keys of other documents are masked; the
+    caller's entry_mask handles the entries). Returns [B, S, H, D] in q's dtype (softmax fp32);
+    with return_entry_probs also the detached fp32 attention probabilities on the entries
+    [B, S, H, C] (the indexer's training target).
     """
     batch, length, heads, dim = q.shape
     kv = kv.to(q.dtype)  # under autocast the compressor's fp32 entries meet bf16 queries
     entries = entries.to(q.dtype) if entries is not None else None
-    scores, keys = window_attention_blocks(q, kv, window)  # [B, nb, H, W, 2W]
+    scores, keys = window_attention_blocks(q, kv, window, doc_ids)  # [B, nb, H, W, 2W]
     n_blocks = scores.shape[1]
     parts = [scores.float()]
     if entries is not None and entries.shape[1] > 0:
@@ -394,11 +508,18 @@ def sparse_attention(
         allowed = F.pad(entry_mask, (0, 0, 0, pad)).view(batch, n_blocks, 1, window, -1)
         parts.append(entry_scores.masked_fill(~allowed, float("-inf")))
     sink_logits = sink.float().view(1, 1, heads, 1, 1).expand(batch, n_blocks, heads, window, 1)
-    probs = torch.cat(parts + [sink_logits], dim=-1).softmax(dim=-1).to(q.dtype)
+    probs32 = torch.cat(parts + [sink_logits], dim=-1).softmax(dim=-1)
+    probs = probs32.to(q.dtype)
     out = torch.einsum("bnhqk,bnkd->bnqhd", probs[..., : 2 * window], keys)
     if len(parts) > 1:
         out = out + torch.einsum("bnhqc,bcd->bnqhd", probs[..., 2 * window : -1], entries)
-    return out.reshape(batch, n_blocks * window, heads, dim)[:, :length]
+    out = out.reshape(batch, n_blocks * window, heads, dim)[:, :length]
+    if not return_entry_probs:
+        return out
+    n_entries = entries.shape[1] if entries is not None else 0
+    entry_probs = probs32[..., 2 * window : 2 * window + n_entries].detach()  # [B,nb,H,W,C]
+    entry_probs = entry_probs.transpose(2, 3).reshape(batch, n_blocks * window, heads, -1)
+    return out, entry_probs[:, :length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +548,11 @@ class Attention(nn.Module):
         self.compressor = Compressor(cfg, compress_ratio, cfg.head_dim) if compress_ratio else None
         self.indexer = Indexer(cfg) if compress_ratio == 4 else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg, compress_ratio > 0), persistent=False)
+        # Lightning Indexer training (CSA layers; see `compressed`). Defaults = inference.
+        self.indexer_mode = "sparse"  # or "dense": attend every visible compressed entry
+        self.indexer_loss = False  # compute `last_indexer_loss` (KL to the main attention)
+        self.last_indexer_loss: torch.Tensor | None = None
+        self._index_scores: torch.Tensor | None = None  # between `compressed` and `forward`
 
     def simulate_fp8(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 round trip (blocks of 64) of the non-RoPE dims of a KV entry (spec §8)."""
@@ -455,28 +581,101 @@ class Attention(nn.Module):
         return self.wo_b(latent.flatten(2))
 
     def compressed(
-        self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, cos, sin
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        cos,
+        sin,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed entries [B, C, D] and which of them each query attends [B, S, C]."""
-        entries = self.simulate_fp8(self.compressor(x, self.inv_freq))
-        n_visible = visible_entries(positions, self.ratio)  # [1, S]
-        if self.indexer is None:  # HCA: every visible entry
-            mask = torch.arange(entries.shape[1], device=x.device) < n_visible.unsqueeze(-1)
-            return entries, mask.expand(x.shape[0], -1, -1)
-        keys = self.indexer.simulate_fp4(self.indexer.compressor(x, self.inv_freq))
-        q_index = self.indexer.queries(q_latent, cos, sin)
-        scores = self.indexer.scores(x, q_index, keys)
-        return entries, Indexer.select(scores, n_visible, self.indexer.topk)
+        """Compressed entries [B, C, D] and which of them each query attends [B, S, C].
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Full-sequence forward. x: [B, S, dim] (normalized), positions: [1, S] = 0..S-1."""
+        Indexer training (spec training.md §2.5, following V3.2's DSA recipe; our decision):
+        - `indexer_mode = "dense"` (the warm-up): a CSA layer attends every visible compressed
+          entry, like HCA; the indexer still scores them.
+        - `indexer_mode = "sparse"`: attention uses the indexer's top-k (the released model).
+        - `indexer_loss = True`: the indexer sees *detached* inputs (so the LM loss never trains
+          it and its loss never trains the rest) and `forward` stores in `last_indexer_loss`
+          KL(p || q) per query, averaged over queries: p = the main attention's probabilities on
+          the attended entries, summed over heads and L1-normalized (detached); q = softmax of
+          the index scores over the same entries (all visible ones when dense, the top-k set
+          when sparse).
+        """
+        if doc_ids is None:
+            entries = self.simulate_fp8(self.compressor(x, self.inv_freq))
+            n_visible = visible_entries(positions, self.ratio)  # [1, S]
+            entry = torch.arange(entries.shape[1], device=x.device)
+            visible = (entry < n_visible.unsqueeze(-1)).expand(x.shape[0], -1, -1)
+        else:
+            entries, entry_doc, entry_ok = self.compressor.forward_documents(
+                x, self.inv_freq, positions, doc_ids
+            )
+            entries = self.simulate_fp8(entries)
+            visible = visible_document_entries(doc_ids, entry_doc, entry_ok, self.ratio)
+        self._index_scores = None
+        if self.indexer is None:  # HCA: every visible entry
+            return entries, visible
+        if self.indexer_loss:
+            x, q_latent = x.detach(), q_latent.detach()
+        if doc_ids is None:
+            keys = self.indexer.compressor(x, self.inv_freq)
+        else:
+            keys, _, _ = self.indexer.compressor.forward_documents(
+                x, self.inv_freq, positions, doc_ids
+            )
+        q_index = self.indexer.queries(q_latent, cos, sin)
+        scores = self.indexer.scores(x, q_index, self.indexer.simulate_fp4(keys))
+        if self.indexer_mode == "dense":
+            mask = visible
+        else:
+            mask = Indexer.select_visible(scores, visible, self.indexer.topk)
+        if self.indexer_loss:
+            self._index_scores = scores
+        return entries, mask
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Full-sequence forward. x: [B, S, dim] (normalized), positions: [1, S] = 0..S-1, or
+        with doc_ids [B, S] the document-relative positions [B, S]."""
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         q, kv, q_latent = self.project(x, cos, sin)
         entries = mask = None
+        self._index_scores = None
         if self.compressor is not None:
-            entries, mask = self.compressed(x, q_latent, positions, cos, sin)
-        o = sparse_attention(q, kv, self.attn_sink, self.window, entries, mask)
+            entries, mask = self.compressed(x, q_latent, positions, cos, sin, doc_ids)
+        want_probs = self._index_scores is not None
+        o = sparse_attention(
+            q, kv, self.attn_sink, self.window, entries, mask, doc_ids, want_probs
+        )
+        self.last_indexer_loss = None
+        if want_probs:
+            o, entry_probs = o
+            self.last_indexer_loss = indexer_kl_loss(self._index_scores, mask, entry_probs)
+            self._index_scores = None
         return self.output(o, cos, sin)
+
+
+def indexer_kl_loss(
+    scores: torch.Tensor, attended: torch.Tensor, entry_probs: torch.Tensor
+) -> torch.Tensor | None:
+    """Mean over queries of KL(main attention || indexer) on the attended entries.
+
+    scores: [B, S, C] index scores (with grad); attended: [B, S, C] bool;
+    entry_probs: [B, S, H, C] the main attention's probabilities (detached). None when no query
+    attends any entry (short sequences)."""
+    target = entry_probs.sum(dim=2).masked_fill(~attended, 0.0)  # [B, S, C]
+    mass = target.sum(dim=-1, keepdim=True)
+    rows = attended.any(dim=-1) & (mass.squeeze(-1) > 0)  # [B, S]
+    if not bool(rows.any()):
+        return None
+    target = target / mass.clamp_min(1e-30)
+    log_q = scores.float().masked_fill(~attended, float("-inf")).log_softmax(dim=-1)
+    log_q = torch.where(attended, log_q, 0.0)
+    log_p = torch.where(target > 0, target.clamp_min(1e-30).log(), 0.0)
+    kl = (target * (log_p - log_q)).sum(dim=-1)  # [B, S]
+    return kl[rows].mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,11 +833,15 @@ class Block(nn.Module):
         self.hc = HyperConnection(cfg)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, S, N, dim] residual streams -> same shape."""
         h, post, comb = self.hc.pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        x = self.hc.post(self.attn(self.attn_norm(h), positions), x, post, comb)
+        x = self.hc.post(self.attn(self.attn_norm(h), positions, doc_ids), x, post, comb)
         h, post, comb = self.hc.pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         return self.hc.post(self.ffn(self.ffn_norm(h), input_ids), x, post, comb)
 
@@ -657,14 +860,21 @@ class MTPBlock(Block):
         hc_params(self, "hc_head", cfg, cfg.hc_mult)
 
     def forward(
-        self, x: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        next_embed: torch.Tensor,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, S, N, dim] main final streams; next_embed: [B, S, dim] embedding of token t+1.
         Returns the normalized hidden state [B, S, dim] fed to the shared head."""
         streams = self.h_proj(self.hnorm(x)) + self.e_proj(self.enorm(next_embed)).unsqueeze(-2)
-        streams = super().forward(streams, positions, None)
+        streams = super().forward(streams, positions, None, doc_ids)
         eps = self.hc.hc_eps, self.hc.norm_eps
-        streams = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps)
+        streams = hc_head(
+            streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps,
+            plain=self.hc.plain,
+        )
         return self.norm(streams)
 
 
@@ -711,14 +921,45 @@ class Transformer(nn.Module):
                 module.tid2eid.copy_(random_hash_table(self.cfg, gen))
 
     # -- forward ----------------------------------------------------------------------------
-    def hidden_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_streams(
+        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final mHC residual streams [B, S, N, dim] (before the HC head)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        positions = self.positions(input_ids, doc_ids)
         h = self.embed(input_ids)
         x = h.unsqueeze(-2).expand(*h.shape[:-1], self.cfg.hc_mult, h.shape[-1]).contiguous()
         for layer in self.layers:
-            x = layer(x, positions, input_ids)
+            x = layer(x, positions, input_ids, doc_ids)
         return x
+
+    @staticmethod
+    def positions(input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """RoPE positions: [1, S] = 0..S-1, or document-relative [B, S] with doc_ids."""
+        if doc_ids is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if doc_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        return document_positions(doc_ids)
+
+    # -- training switches --------------------------------------------------------------------
+    def set_indexer_mode(self, mode: str = "sparse", loss: bool = False) -> None:
+        """CSA layers attend the indexer's top-k ("sparse") or every visible entry ("dense");
+        with loss=True each stores its indexer KL loss (see `Attention.compressed`)."""
+        if mode not in ("sparse", "dense"):
+            raise ValueError(f"indexer mode {mode!r}: must be 'sparse' or 'dense'")
+        for module in self.modules():
+            if isinstance(module, Attention) and module.indexer is not None:
+                module.indexer_mode, module.indexer_loss = mode, loss
+
+    def indexer_losses(self) -> list[torch.Tensor]:
+        """The indexer KL losses the last forward stored (one per CSA layer that had entries)."""
+        return [
+            m.last_indexer_loss
+            for m in self.modules()
+            if isinstance(m, Attention) and m.last_indexer_loss is not None
+        ]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head.weight.to(hidden.dtype)).float()
@@ -726,25 +967,34 @@ class Transformer(nn.Module):
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         """HC head then the final norm: [B, S, N, dim] -> [B, S, dim]."""
         eps = self.cfg.hc_eps, self.cfg.norm_eps
-        return self.norm(hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps))
+        plain = self.cfg.hc_plain_residual
+        return self.norm(
+            hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps, plain=plain)
+        )
 
-    def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mtp_input_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ):
         """input_ids: [B, S] -> logits [B, S, V] (fp32).
 
         With `mtp_input_ids` [B, S] (the token that follows each input position, i.e. the
         next-token targets), also returns the MTP block's logits [B, S, V], where position t
         predicts token t+2: `(logits, mtp_logits)`.
+        doc_ids [B, S]: packed documents (runs of equal ids) that never attend to each other.
         """
         self.check_ids(input_ids)
-        x = self.hidden_streams(input_ids)
+        x = self.hidden_streams(input_ids, doc_ids)
         logits = self.logits(self.collapse(x))
         if mtp_input_ids is None:
             return logits
         if not len(self.mtp):
             raise ValueError("this model has no MTP block (n_mtp_layers=0)")
         self.check_ids(mtp_input_ids, like=input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        mtp_hidden = self.mtp[0](x, self.embed(mtp_input_ids), positions)
+        positions = self.positions(input_ids, doc_ids)
+        mtp_hidden = self.mtp[0](x, self.embed(mtp_input_ids), positions, doc_ids)
         return logits, self.logits(mtp_hidden)
 
     def check_ids(self, ids: torch.Tensor, like: torch.Tensor | None = None) -> None:
@@ -763,6 +1013,14 @@ class Transformer(nn.Module):
         if lowest < 0 or highest >= self.cfg.vocab_size:
             bad = lowest if lowest < 0 else highest
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")
+
+
+def rebuild_rope_tables(model: nn.Module, device: torch.device | str | None = None) -> None:
+    """Recompute the RoPE tables, non-persistent buffers that a model built on the meta device
+    and filled from a state dict lacks."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.inv_freq = rope_inv_freq(module.cfg, module.ratio > 0).to(device)
 
 
 def hc_base_init(n: int, rows: int) -> torch.Tensor:

@@ -1,0 +1,727 @@
+"""The DeepSeek-V4 chat encoding and the parser back from completion text (spec training.md §6).
+
+V4 ships no Jinja template: its official Python encoder (`encoding_dsv4.py`) is the reference,
+and `encode_chat` reproduces its layout byte for byte from OpenAI-format messages:
+
+    BOS [Think-Max instruction] system text ["\\n\\n## Tools ..."]
+    <｜User｜>user text<｜Assistant｜><think>reasoning</think>answer
+    \\n\\n<｜DSML｜tool_calls> ... </｜DSML｜tool_calls><｜end▁of▁sentence｜>
+    <｜User｜><tool_result>...</tool_result><｜Assistant｜><think>
+
+`parse_completion` and `StreamParser` read what the model generated after such a prompt back into
+an OpenAI assistant message: `reasoning_content`, `content` and `tool_calls`. Both are the same
+state machine, so a stream cut at any point yields exactly the non-streaming result, and text
+that could still turn into markup is held back until it is resolved, so no marker ever leaks.
+The parser is lenient (it never raises on model output unless asked to with `strict=True`) and
+records what it had to repair in `StreamParser.problems`.
+
+Where this differs from the official encoder, it is stricter, never different in layout: bad
+input that the official code would render into a malformed prompt (an unknown role, a tool result
+matching no call, an assistant turn not following a user turn, arguments that are not a JSON
+object) raises ValueError naming the message index and field. OpenAI content parts are joined
+with blank lines, as the official encoder joins content blocks. Not supported: the internal
+`latest_reminder` role, quick-instruction `task` tokens, `response_format`, and continuing a
+partial assistant message. Tool argument names containing `"` or `>`, and text containing the
+markers themselves inside assistant content, reasoning or string arguments, cannot round-trip
+(the official format has no escaping).
+
+This module is pure string handling: no torch, no tokenizer. The marker strings below must match
+`dsv4.tokenizer.SPECIAL_TOKENS` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+LATEST_REMINDER = "<｜latest_reminder｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+DSML = "｜DSML｜"
+TASK_TOKENS = (
+    "<｜action｜>", "<｜query｜>", "<｜authority｜>", "<｜domain｜>", "<｜title｜>",
+    "<｜read_url｜>", "<｜extracted_url｜>",
+)
+SPECIAL_STRINGS = (
+    BOS, EOS, PAD, USER, ASSISTANT, LATEST_REMINDER, THINK_START, THINK_END, DSML, *TASK_TOKENS,
+)
+
+TOOL_CALLS_OPEN = f"<{DSML}tool_calls>"
+TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
+INVOKE_CLOSE = f"</{DSML}invoke>"
+PARAMETER_CLOSE = f"</{DSML}parameter>"
+
+# Spec §3.2 (paper Table 3), laid out as the official encoder does: one sentence per line and a
+# blank line before the first message.
+THINK_MAX_INSTRUCTION = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to "
+    "resolve the root cause, rigorously stress-testing your logic against all potential paths, "
+    "edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+    "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left "
+    "unchecked.\n\n"
+)
+
+# The "## Tools" section appended to the system message (the model was trained on this text).
+TOOLS_SECTION = f"""## Tools
+
+You have access to a set of tools to help answer the user's question. You can invoke tools by \
+writing a "{TOOL_CALLS_OPEN}" block like the following:
+
+{TOOL_CALLS_OPEN}
+<{DSML}invoke name="$TOOL_NAME">
+<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE{PARAMETER_CLOSE}
+...
+{INVOKE_CLOSE}
+<{DSML}invoke name="$TOOL_NAME2">
+...
+{INVOKE_CLOSE}
+{TOOL_CALLS_CLOSE}
+
+String parameters should be specified as is and set `string="true"`. For all other types \
+(numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.
+
+If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete \
+reasoning inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.
+
+Otherwise, output directly after {THINK_END} with tool calls or final response.
+
+### Available Tool Schemas
+
+{{schemas}}
+
+You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
+"""
+
+REASONING_EFFORTS = (None, "high", "max")  # "high" and None render identically (spec §6)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# ---- encoding ----------------------------------------------------------------------------
+@dataclass
+class _Turn:
+    """One rendered turn: tool results are already merged into a user turn as blocks."""
+
+    role: str  # system | developer | user | assistant
+    text: str = ""  # system / developer / assistant content
+    tools: list[dict] | None = None  # system / developer: the `function` objects to list
+    blocks: list[str] = field(default_factory=list)  # user: text and <tool_result> blocks
+    result_order: list[int] = field(default_factory=list)  # user: call index per block, -1=text
+    reasoning: str = ""  # assistant
+    calls: list[tuple[str, dict]] = field(default_factory=list)  # assistant: (name, arguments)
+
+
+def _to_json(value: Any, where: str) -> str:
+    # ensure_ascii=False and default separators: what the official encoder writes.
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: not JSON-serializable ({err})") from None
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A string, or OpenAI content parts [{"type": "text", "text": ...}] joined by blank lines
+    (the official encoder joins content blocks that way)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise ValueError(f"{where}[{j}]: only text parts are supported, got {part!r:.80}")
+            parts.append(part["text"])
+        return "\n\n".join(parts)
+    if content is None:
+        raise ValueError(f"{where}: missing")
+    raise ValueError(f"{where}: expected a string or a list of text parts, "
+                     f"got {type(content).__name__}")
+
+
+def _tool_functions(tools: Any, where: str) -> list[dict]:
+    """OpenAI tools [{"type": "function", "function": {...}}] -> the `function` objects."""
+    if not isinstance(tools, list):
+        raise ValueError(f"{where}: expected a list of tools, got {type(tools).__name__}")
+    functions = []
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise ValueError(f"{where}[{j}]: expected {{'type': 'function', 'function': {{...}}}}"
+                             f", got {tool!r:.80}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise ValueError(f"{where}[{j}].function: missing or not an object")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"{where}[{j}].function.name: missing or not a non-empty string")
+        _to_json(function, f"{where}[{j}].function")
+        functions.append(function)
+    return functions
+
+
+def _tool_calls(calls: Any, where: str) -> tuple[list[tuple[str, dict]], list[str | None]]:
+    """OpenAI tool_calls -> [(name, arguments dict)] and their ids (None where absent)."""
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: expected a list, got {type(calls).__name__}")
+    parsed, ids = [], []
+    for j, call in enumerate(calls):
+        here = f"{where}[{j}]"
+        if not isinstance(call, dict) or call.get("type", "function") != "function":
+            raise ValueError(f"{here}: expected {{'type': 'function', 'function': {{...}}}}, "
+                             f"got {call!r:.80}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise ValueError(f"{here}.function: missing or not an object")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{here}.function.name: missing or not a non-empty string")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{here}.function.arguments: not valid JSON ({err})") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{here}.function.arguments: expected a JSON object, "
+                             f"got {type(arguments).__name__}")
+        for key, value in arguments.items():
+            if not isinstance(value, str):
+                _to_json(value, f"{here}.function.arguments[{key!r}]")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ValueError(f"{here}.id: expected a string, got {type(call_id).__name__}")
+        parsed.append((name, arguments))
+        ids.append(call_id)
+    present = [i for i in ids if i is not None]
+    if len(set(present)) != len(present):
+        raise ValueError(f"{where}: duplicate tool call ids {present}")
+    return parsed, ids
+
+
+def _normalize(messages: Any) -> list[_Turn]:
+    """Validate OpenAI messages and merge tool results into user turns (V4 has no tool role)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages: expected a non-empty list of messages")
+    turns: list[_Turn] = []
+    open_calls: dict[str, int] = {}  # id -> call index, for the latest assistant's calls
+    answered: set[str] = set()
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where}: expected an object, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}.role: unknown role {role!r} (expected one of "
+                             f"{', '.join(ROLES)})")
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ValueError(f"{where}.tool_call_id: missing or not a string")
+            if call_id not in open_calls:
+                raise ValueError(f"{where}.tool_call_id: {call_id!r} matches no tool call of the "
+                                 f"preceding assistant message (open calls: {list(open_calls)})")
+            if call_id in answered:
+                raise ValueError(f"{where}.tool_call_id: {call_id!r} already has a result")
+            answered.add(call_id)
+            block = f"<tool_result>{_text_of(msg.get('content'), f'{where}.content')}</tool_result>"
+            _append_to_user_turn(turns, block, open_calls[call_id])
+        elif role == "user":
+            _append_to_user_turn(turns, _text_of(msg.get("content"), f"{where}.content"), -1)
+        elif role == "assistant":
+            turn, ids = _assistant_turn(msg, where, turns)
+            turns.append(turn)
+            open_calls = {call_id: j for j, call_id in enumerate(ids) if call_id is not None}
+            answered = set()
+        else:  # system, developer
+            text = _text_of(msg.get("content"), f"{where}.content")
+            if role == "developer" and not text:
+                raise ValueError(f"{where}.content: a developer message needs non-empty content")
+            tools = msg.get("tools")
+            functions = _tool_functions(tools, f"{where}.tools") if tools else None
+            turns.append(_Turn(role, text=text, tools=functions))
+    for turn in turns:
+        _order_tool_results(turn)
+    return turns
+
+
+def _append_to_user_turn(turns: list[_Turn], block: str, call_index: int) -> None:
+    # Consecutive user and tool messages form one user turn, blocks separated by blank lines.
+    if not turns or turns[-1].role != "user":
+        turns.append(_Turn("user"))
+    turns[-1].blocks.append(block)
+    turns[-1].result_order.append(call_index)
+
+
+def _order_tool_results(turn: _Turn) -> None:
+    # Tool results go in the order of the calls; text blocks keep their places.
+    slots = [k for k, order in enumerate(turn.result_order) if order >= 0]
+    ordered = sorted(slots, key=lambda k: turn.result_order[k])
+    blocks = list(turn.blocks)
+    for slot, source in zip(slots, ordered):
+        blocks[slot] = turn.blocks[source]
+    turn.blocks = blocks
+
+
+def _assistant_turn(msg: dict, where: str, turns: list[_Turn]) -> tuple[_Turn, list[str | None]]:
+    previous = turns[-1].role if turns else None
+    if previous not in ("user", "developer"):
+        raise ValueError(f"{where}: an assistant message must follow a user, developer or tool "
+                         f"message, not {previous or 'the start of the conversation'}")
+    calls, ids = _tool_calls(msg.get("tool_calls") or [], f"{where}.tool_calls")
+    content = msg.get("content")
+    if content is None and not calls:
+        raise ValueError(f"{where}.content: missing (an assistant message without tool_calls "
+                         "needs content, possibly empty)")
+    text = "" if content is None else _text_of(content, f"{where}.content")
+    reasoning = msg.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ValueError(f"{where}.reasoning_content: expected a string, "
+                         f"got {type(reasoning).__name__}")
+    return _Turn("assistant", text=text, reasoning=reasoning or "", calls=calls), ids
+
+
+def _attach_tools(turns: list[_Turn], tools: list[dict] | None) -> None:
+    """Request-level tools go into the first system message, or a new empty one before it."""
+    if not tools:
+        return
+    functions = _tool_functions(tools, "tools")
+    if turns[0].role == "system":
+        if turns[0].tools:
+            raise ValueError("tools: given both as an argument and in messages[0].tools")
+        turns[0].tools = functions
+    else:
+        turns.insert(0, _Turn("system", tools=functions))
+
+
+def _last_user_index(turns: list[_Turn]) -> int:
+    return max((k for k, t in enumerate(turns) if t.role in ("user", "developer")), default=-1)
+
+
+def _render_tool_calls(calls: list[tuple[str, dict]]) -> str:
+    # Strings go in raw (string="true"), everything else as JSON (string="false").
+    invokes = []
+    for name, arguments in calls:
+        params = []
+        for key, value in arguments.items():
+            is_string = isinstance(value, str)
+            rendered = value if is_string else _to_json(value, key)
+            params.append(f'<{DSML}parameter name="{key}" string="{str(is_string).lower()}">'
+                          f"{rendered}{PARAMETER_CLOSE}")
+        invokes.append(f'<{DSML}invoke name="{name}">\n' + "\n".join(params) + f"\n{INVOKE_CLOSE}")
+    return f"\n\n{TOOL_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{TOOL_CALLS_CLOSE}"
+
+
+def _render_turn(turn: _Turn, keep_reasoning: bool) -> str:
+    tools = ""
+    if turn.tools:  # one JSON schema per line
+        schemas = "\n".join(_to_json(function, "tools") for function in turn.tools)
+        tools = "\n\n" + TOOLS_SECTION.format(schemas=schemas)
+    if turn.role == "system":
+        return turn.text + tools
+    if turn.role == "developer":
+        return USER + turn.text + tools
+    if turn.role == "user":
+        return USER + "\n\n".join(turn.blocks)
+    thinking = turn.reasoning + THINK_END if keep_reasoning else ""
+    calls = _render_tool_calls(turn.calls) if turn.calls else ""
+    return thinking + turn.text + calls + EOS
+
+
+def encode_chat_segments(messages: list[dict], *, thinking: bool = False,
+                         reasoning_effort: str | None = None, tools: list[dict] | None = None,
+                         add_generation_prompt: bool = True,
+                         drop_thinking: bool = True) -> list[tuple[str, bool]]:
+    """`encode_chat`, cut into (text, generated) pieces that concatenate to the prompt.
+
+    `generated` is True for each assistant turn's text (reasoning, `</think>`, content, tool calls
+    and EOS): exactly what the model produces after `<｜Assistant｜><think>` (or `</think>`), so
+    SFT can put its loss there and nowhere else.
+    """
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort: {reasoning_effort!r} is not one of "
+                         f"{list(REASONING_EFFORTS)} (OpenAI's low/medium map to 'high')")
+    turns = _normalize(messages)
+    _attach_tools(turns, tools)
+    # Interleaved thinking (spec §3.6): with tools defined, reasoning is kept in every turn.
+    drop = drop_thinking and not any(t.tools for t in turns)
+    if thinking and drop:
+        # Earlier turns' reasoning is dropped, and so are developer messages before the last
+        # user turn (they steered a turn that is over).
+        last_user = _last_user_index(turns)
+        turns = [t for k, t in enumerate(turns) if t.role != "developer" or k >= last_user]
+    last_user = _last_user_index(turns)
+
+    segments: list[tuple[str, bool]] = [(BOS, False)]
+    if thinking and reasoning_effort == "max":
+        segments.append((THINK_MAX_INSTRUCTION, False))
+    for k, turn in enumerate(turns):
+        keep_reasoning = thinking and (not drop or k > last_user)
+        segments.append((_render_turn(turn, keep_reasoning), turn.role == "assistant"))
+        following = turns[k + 1].role if k + 1 < len(turns) else None
+        opens_reply = following == "assistant" or (following is None and add_generation_prompt)
+        if turn.role in ("user", "developer") and opens_reply:
+            think_now = thinking and (not drop or k >= last_user)
+            segments.append((ASSISTANT + (THINK_START if think_now else THINK_END), False))
+    return _merge_segments(segments)
+
+
+def _merge_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    merged: list[tuple[str, bool]] = []
+    for text, generated in segments:
+        if merged and merged[-1][1] == generated:
+            merged[-1] = (merged[-1][0] + text, generated)
+        elif text:
+            merged.append((text, generated))
+    return merged
+
+
+def encode_chat(messages: list[dict], *, thinking: bool = False,
+                reasoning_effort: str | None = None, tools: list[dict] | None = None,
+                add_generation_prompt: bool = True, drop_thinking: bool = True) -> str:
+    """OpenAI-format messages -> the V4 prompt string, laid out as the official encoder does.
+
+    messages: system, developer, user (string or text parts), assistant (content,
+    reasoning_content, tool_calls with JSON-string or dict arguments) and tool messages (content,
+    tool_call_id); tool results are merged into the next user turn as <tool_result> blocks in
+    call order. thinking: think mode (`<think>` opens the reply) or non-think (`</think>`).
+    reasoning_effort: None or "high" (same prompt), "max" (Think-Max instruction; think mode
+    only). tools: OpenAI tool definitions, listed in the first system message (a new empty one if
+    there is none); with tools, reasoning is kept in all turns. add_generation_prompt: end a
+    conversation whose last turn is a user/tool turn with `<｜Assistant｜><think>` or
+    `...</think>`. drop_thinking: drop reasoning of turns before the last user message (think
+    mode without tools). Bad messages raise ValueError naming the message index and field.
+    """
+    return "".join(text for text, _ in encode_chat_segments(
+        messages, thinking=thinking, reasoning_effort=reasoning_effort, tools=tools,
+        add_generation_prompt=add_generation_prompt, drop_thinking=drop_thinking))
+
+
+# ---- parsing -----------------------------------------------------------------------------
+_TAG_OPEN = f"<{DSML}"
+_TAG_CLOSE = f"</{DSML}"
+# Markers that end reasoning/content text. A DSML tag starts the tool-call block (the blank
+# line the encoder puts before it is layout, not content); every other special string is
+# markup the user must never see.
+_TOOLS_MARKERS = (f"\n\n{_TAG_OPEN}", _TAG_OPEN, _TAG_CLOSE)
+_TEXT_MARKERS = (*_TOOLS_MARKERS, *SPECIAL_STRINGS)
+_MAX_MARKER = max(len(m) for m in _TEXT_MARKERS)
+_INVOKE_RE = re.compile(rf'<{DSML}invoke\s+name="(.*)"\s*>', re.DOTALL)
+_PARAMETER_RE = re.compile(rf'<{DSML}parameter\s+name="(.*?)"(?:\s+string="(.*?)")?\s*>',
+                           re.DOTALL)
+_SPACE = " \t\r\n"
+_MAX_TAG = 1024
+
+
+def _first_marker(text: str) -> tuple[int, str] | None:
+    """The leftmost marker in `text` (the longest one where several start at the same place)."""
+    best: tuple[int, str] | None = None
+    for marker in _TEXT_MARKERS:
+        at = text.find(marker)
+        if at != -1 and (best is None or at < best[0]
+                         or (at == best[0] and len(marker) > len(best[1]))):
+            best = (at, marker)
+    return best
+
+
+def _undecided_from(text: str) -> int:
+    """Where the suffix of `text` that could still grow into a marker begins (len if none)."""
+    for start in range(max(0, len(text) - _MAX_MARKER + 1), len(text)):
+        tail = text[start:]
+        if any(marker.startswith(tail) for marker in _TEXT_MARKERS):
+            return start
+    return len(text)
+
+
+def _tag_end(text: str) -> int:
+    """Index of the '>' closing the tag at the start of `text`, ignoring quoted ones; -1 if the
+    tag is not complete yet."""
+    quoted = False
+    for k, char in enumerate(text):
+        if char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return k
+    return -1
+
+
+class StreamParser:
+    """Incremental parser of a V4 completion: feed text deltas, get message deltas.
+
+    Events: {"reasoning_content": str}, {"content": str} and {"tool_call": {"id", "type",
+    "function": {"name", "arguments"}}} (the n-th tool_call event is call index n). Text is
+    emitted as soon as it cannot be part of a marker; a tool call once its `</｜DSML｜invoke>` has
+    arrived, with complete arguments. Everything after EOS is ignored. `problems` lists what
+    was malformed (stray special tokens, broken or truncated tool calls, unclosed `<think>`);
+    `finished` says whether EOS was seen.
+    """
+
+    def __init__(self, *, thinking: bool, call_id_prefix: str = "call_") -> None:
+        self._phase = "reasoning" if thinking else "content"  # or "tools", "done"
+        self._text_phase = self._phase  # where a stray DSML tag outside a block returns to
+        self._buffer = ""
+        self._events: list[dict] = []
+        self._call_id_prefix = call_id_prefix
+        self._calls = 0
+        self._in_block = False
+        self._invoke: tuple[str, dict] | None = None  # the open invoke: name, arguments
+        self._after_tools = False  # a tool_calls block just closed: only EOS should follow
+        # An open parameter value (possibly a whole file) is collected here, not re-scanned on
+        # every delta, until its closing tag can be in the text: linear time, not quadratic.
+        self._value_parts: list[str] = []
+        self._value_tail = ""  # the last characters of those parts
+        self.problems: list[str] = []
+        self.finished = False
+
+    def feed(self, delta: str) -> list[dict]:
+        """Consume the next piece of completion text; return the events it made certain."""
+        if not isinstance(delta, str):
+            raise TypeError(f"delta: expected str, got {type(delta).__name__}")
+        if self._value_parts:
+            window = self._value_tail + delta
+            self._value_parts.append(delta)
+            self._value_tail = window[-len(PARAMETER_CLOSE):]
+            if PARAMETER_CLOSE not in window:
+                return []
+            self._buffer, self._value_parts = "".join(self._value_parts), []
+        else:
+            self._buffer += delta
+        self._advance(final=False)
+        return self._take_events()
+
+    def finish(self) -> list[dict]:
+        """End of the completion: flush held-back text, drop unfinished tool calls."""
+        self._buffer, self._value_parts = "".join(self._value_parts) + self._buffer, []
+        self._advance(final=True)
+        if self._phase == "reasoning":
+            self._problem("the reasoning was never closed with </think>")
+        elif self._phase == "tools" and self._in_block:
+            self._problem(f"the tool_calls block was never closed with {TOOL_CALLS_CLOSE}")
+        self._phase = "done"
+        return self._take_events()
+
+    # -- internals --
+    def _take_events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+
+    def _emit_text(self, text: str) -> None:
+        if not text:
+            return
+        if self._after_tools:
+            self._problem("text after the tool calls was kept as content")
+            self._after_tools = False
+        key = "reasoning_content" if self._phase == "reasoning" else "content"
+        if self._events and key in self._events[-1]:
+            self._events[-1] = {key: self._events[-1][key] + text}
+        else:
+            self._events.append({key: text})
+
+    def _advance(self, final: bool) -> None:
+        while True:
+            if self._phase in ("reasoning", "content"):
+                progressed = self._text_step(final)
+            elif self._phase == "tools":
+                progressed = self._tools_step(final)
+            else:
+                if self._buffer.strip(_SPACE):
+                    self._problem("text after the end-of-sentence token was ignored")
+                self._buffer = ""
+                return
+            if not progressed:
+                return
+
+    def _text_step(self, final: bool) -> bool:
+        if self._after_tools:
+            # Layout whitespace between the block and EOS is not content.
+            self._buffer = self._buffer.lstrip(_SPACE)
+            if not self._buffer:
+                return False
+        hit = _first_marker(self._buffer)
+        if hit is None:
+            keep = len(self._buffer) if final else _undecided_from(self._buffer)
+            self._emit_text(self._buffer[:keep])
+            self._buffer = self._buffer[keep:]
+            return False
+        at, marker = hit
+        self._emit_text(self._buffer[:at])
+        rest = self._buffer[at + len(marker):]
+        if marker in _TOOLS_MARKERS:
+            self._text_phase, self._phase = self._phase, "tools"
+            self._buffer = marker.lstrip("\n") + rest  # the tag itself is parsed as a tag
+            return True
+        self._buffer = rest
+        if marker == EOS:
+            self._phase = "done"
+            self.finished = True
+        elif marker == THINK_END and self._phase == "reasoning":
+            self._phase = "content"
+        else:
+            self._problem(f"stray {marker} dropped from the {self._phase.replace('_', ' ')}")
+        return True
+
+    def _tools_step(self, final: bool) -> bool:
+        self._buffer = self._buffer.lstrip(_SPACE)  # whitespace between tags is layout
+        text = self._buffer
+        if not text:
+            return False
+        if text.startswith(EOS):
+            self._buffer = text[len(EOS):]
+            self._close_block(reason="the end-of-sentence token")
+            self._phase = "done"
+            self.finished = True
+            return True
+        if text.startswith((_TAG_OPEN, _TAG_CLOSE)):
+            progressed = self._tag_step(final)
+            if progressed and self._phase == "tools" and not self._in_block:
+                self._phase = self._text_phase  # a stray tag: back to the text it interrupted
+            return progressed
+        if not final and any(m.startswith(text) for m in (_TAG_OPEN, _TAG_CLOSE, EOS)):
+            return False  # may still become a tag
+        self._problem("unexpected text inside the tool_calls block was dropped")
+        next_tag = text.find("<", 1)
+        self._buffer = text[next_tag:] if next_tag != -1 else ""
+        return True
+
+    def _tag_step(self, final: bool) -> bool:
+        text = self._buffer
+        # A real tag is short; one without its '>' in the first _MAX_TAG characters is broken
+        # (judged on the text alone, so every chunking agrees, and never rescanned at length).
+        end = _tag_end(text[:_MAX_TAG])
+        if end == -1:
+            if len(text) < _MAX_TAG:
+                if not final:
+                    return False
+                self._problem("a DSML tag cut off at the end was dropped")
+                self._buffer = ""
+                return True
+            self._problem("an overlong DSML tag was dropped")
+            self._buffer = text[len(_TAG_CLOSE if text.startswith(_TAG_CLOSE) else _TAG_OPEN):]
+            return True
+        tag, rest = text[:end + 1], text[end + 1:]
+        parameter = _PARAMETER_RE.fullmatch(tag)
+        if parameter:
+            close = text.find(PARAMETER_CLOSE, end + 1)
+            if close == -1:
+                if not final:
+                    self._value_parts, self._value_tail = [text], text[-len(PARAMETER_CLOSE):]
+                    self._buffer = ""
+                    return False
+                self._problem("a truncated parameter at the end was dropped")
+                self._buffer = ""
+                return True
+            self._buffer = text[close + len(PARAMETER_CLOSE):]
+            self._add_parameter(parameter.group(1), parameter.group(2), text[end + 1:close])
+            return True
+        self._buffer = rest
+        invoke = _INVOKE_RE.fullmatch(tag)
+        if tag == TOOL_CALLS_OPEN:
+            self._open_block(nested_problem=f"a nested {TOOL_CALLS_OPEN} was ignored")
+        elif tag == TOOL_CALLS_CLOSE and self._in_block:
+            self._close_block(reason=TOOL_CALLS_CLOSE)
+            self._phase = "content"  # reasoning, if it was still open, is over
+            self._after_tools = True
+        elif invoke:
+            self._open_invoke(invoke.group(1))
+        elif tag == INVOKE_CLOSE:
+            self._close_invoke()
+        else:
+            self._problem(f"an unknown or misplaced tag {tag[:60]!r} was dropped")
+        return True
+
+    def _open_block(self, nested_problem: str) -> None:
+        if self._in_block:
+            self._problem(nested_problem)
+            return
+        if self._text_phase == "reasoning":
+            self._problem("tool calls began inside the reasoning, before </think>")
+        self._in_block = True
+
+    def _open_invoke(self, name: str) -> None:
+        if not self._in_block:
+            self._problem(f"an invoke outside {TOOL_CALLS_OPEN} was accepted")
+            self._open_block(nested_problem="")
+        if self._invoke is not None:
+            self._problem(f"the unclosed invoke of {self._invoke[0]!r} was dropped")
+        self._invoke = (name, {})
+
+    def _add_parameter(self, name: str, string: str | None, value: str) -> None:
+        if self._invoke is None:
+            self._problem("a parameter outside an invoke was dropped")
+            return
+        arguments = self._invoke[1]
+        if name in arguments:
+            self._problem(f"duplicate parameter {name!r}: the last value was kept")
+        if string == "true":
+            arguments[name] = value
+            return
+        if string != "false":
+            self._problem(f'parameter {name!r} has no string="true|false": read as JSON if it '
+                          "parses, else as a string")
+        try:
+            arguments[name] = json.loads(value)
+        except json.JSONDecodeError:
+            if string == "false":
+                self._problem(f"parameter {name!r} is not valid JSON: kept as a string")
+            arguments[name] = value
+
+    def _close_invoke(self) -> None:
+        if self._invoke is None:
+            self._problem(f"a stray {INVOKE_CLOSE} was dropped")
+            return
+        name, arguments = self._invoke
+        self._invoke = None
+        self._events.append({"tool_call": {
+            "id": f"{self._call_id_prefix}{self._calls}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        }})
+        self._calls += 1
+
+    def _close_block(self, reason: str) -> None:
+        if self._invoke is not None:
+            self._problem(f"the invoke of {self._invoke[0]!r} was cut off by {reason} and "
+                          "dropped")
+            self._invoke = None
+        self._in_block = False
+
+
+def collect_events(events: list[dict], *, thinking: bool) -> dict:
+    """Fold parser events into one OpenAI assistant message."""
+    reasoning, content, calls = [], [], []
+    for event in events:
+        if "reasoning_content" in event:
+            reasoning.append(event["reasoning_content"])
+        elif "content" in event:
+            content.append(event["content"])
+        else:
+            calls.append(event["tool_call"])
+    return {"role": "assistant", "content": "".join(content),
+            "reasoning_content": "".join(reasoning) if thinking else None, "tool_calls": calls}
+
+
+def parse_completion(text: str, *, thinking: bool, strict: bool = False,
+                     call_id_prefix: str = "call_") -> dict:
+    """Completion text (what the model generated after the prompt, EOS optional) -> message.
+
+    Returns {"role": "assistant", "content": str, "reasoning_content": str (think mode) or None,
+    "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON string}}]}.
+    string="true" parameters become strings, the others are JSON-decoded. Malformed output is
+    repaired as `StreamParser` does; with strict=True it raises ValueError listing the problems.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected str, got {type(text).__name__}")
+    parser = StreamParser(thinking=thinking, call_id_prefix=call_id_prefix)
+    events = parser.feed(text) + parser.finish()
+    if strict and parser.problems:
+        raise ValueError("malformed completion: " + "; ".join(parser.problems))
+    return collect_events(events, thinking=thinking)

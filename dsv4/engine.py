@@ -1,0 +1,523 @@
+"""Generation with the hybrid KV cache: prefill, batched decode, sampling, MTP speculation.
+
+    engine = Engine(model, max_batch=8)
+    outputs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=32))
+    for token in engine.stream([1, 2, 3], SamplingParams(max_tokens=16)): ...
+
+The engine is a loop over `step()`: admit waiting requests into free cache slots (chunked
+prefill, first token), then decode one token for every running request in one batched forward
+(or, with `speculative=True`, verify each request's MTP draft: two tokens per forward, the
+cache rolled back one token where the draft is rejected). Requests join and leave between
+steps (`add_request`, `cancel`), which is what a server's continuous batching needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv4.cache import KVCache, LayerCache, attention_step
+from dsv4.model import Block, Transformer, hc_head
+
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_CAPACITY = 16_384
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings. temperature 0 = greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
+    stop: list[str] = field(default_factory=list)  # stop strings (need the engine's tokenizer)
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raise ValueError naming the first out-of-range parameter."""
+        checks = [
+            ("temperature", self.temperature, _is_number(self.temperature)
+             and math.isfinite(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", self.top_p, _is_number(self.top_p) and 0 < self.top_p <= 1,
+             "a number in (0, 1]"),
+            ("max_tokens", self.max_tokens, _is_int(self.max_tokens) and self.max_tokens >= 1,
+             "an integer >= 1"),
+            ("seed", self.seed, self.seed is None or _is_int(self.seed), "an integer or None"),
+            ("stop_token_ids", self.stop_token_ids,
+             all(_is_int(t) for t in self.stop_token_ids), "a list of token ids"),
+            ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop),
+             "a list of non-empty strings"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r}: must be {expected}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from fp32 logits [V]: temperature, then top-k, then top-p (nucleus)."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already cover top_p (keeps >= 1).
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------------
+# The network's forward over the cache
+# ---------------------------------------------------------------------------------------------
+
+
+def block_step(block: Block, cache: LayerCache, x: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    """`Block.forward` with the cached attention. x: [B, T, N, dim] streams."""
+    h, post, comb = block.hc.pre(x, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale)
+    attn_out = attention_step(block.attn, cache, block.attn_norm(h), positions, slots)
+    x = block.hc.post(attn_out, x, post, comb)
+    h, post, comb = block.hc.pre(x, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale)
+    return block.hc.post(block.ffn(block.ffn_norm(h), input_ids), x, post, comb)
+
+
+@torch.inference_mode()
+def forward_step(model: Transformer, cache: KVCache, slots: torch.Tensor,
+                 input_ids: torch.Tensor, all_logits: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed T new tokens to each of B slots (each continues from its own length).
+
+    slots: [B] long; input_ids: [B, T]. Returns (logits [B, T or 1, V] fp32 — only the last
+    position unless `all_logits` — and the final residual streams [B, T, N, dim]).
+    """
+    positions = cache.reserve(slots, input_ids.shape[1])
+    embed = model.embed(input_ids)
+    x = embed.unsqueeze(-2).expand(*embed.shape[:-1], model.cfg.hc_mult, -1).contiguous()
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        x = block_step(layer, layer_cache, x, positions, slots.unsqueeze(1), input_ids)
+    cache.advance(slots, input_ids.shape[1])
+    hidden = x if all_logits else x[:, -1:]
+    return model.logits(model.collapse(hidden)), x
+
+
+@torch.inference_mode()
+def mtp_step(model: Transformer, cache: KVCache, slots: torch.Tensor, streams: torch.Tensor,
+             next_ids: torch.Tensor) -> torch.Tensor:
+    """The depth-1 MTP block over the cache: position t takes the main model's final streams
+    at t and the embedding of token t+1, and predicts token t+2.
+
+    streams: [B, T, N, dim]; next_ids: [B, T]. Returns logits [B, T, V].
+    """
+    block = model.mtp[0]
+    positions = cache.reserve(slots, next_ids.shape[1], mtp=True)
+    nxt = block.e_proj(block.enorm(model.embed(next_ids)))
+    x = block.h_proj(block.hnorm(streams)) + nxt.unsqueeze(-2)
+    x = block_step(block, cache.mtp[0], x, positions, slots.unsqueeze(1), None)
+    cache.advance(slots, next_ids.shape[1], mtp=True)
+    eps = block.hc.hc_eps, block.hc.norm_eps
+    hidden = hc_head(x, block.hc_head_fn, block.hc_head_base, block.hc_head_scale, *eps)
+    return model.logits(block.norm(hidden))
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and the engine
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output: list[int] = field(default_factory=list)
+    slot: int | None = None
+    next_token: int | None = None  # sampled, not yet fed to the model
+    draft: int | None = None  # MTP guess for the token after next_token
+    pending_stream: torch.Tensor | None = None  # streams of the last position MTP has not seen
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+
+@dataclass
+class Event:
+    """One step's news about a request: a new token and/or its end."""
+
+    request_id: int
+    token: int | None
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Batched generation for a `Transformer` (see the module docstring).
+
+    max_batch: cache slots, i.e. requests decoded together; capacity: tokens per slot (prompt +
+    output); tokenizer: needed only for stop strings (anything with `decode(ids) -> str`);
+    speculative: self-speculation (greedy requests only) with the MTP block's drafts, or with
+    `draft_fn(tokens) -> token` guessing the token after `tokens` (e.g. prompt lookup) when
+    given; kv_fp8: FP8 cache storage.
+    """
+
+    def __init__(self, model: Transformer, *, max_batch: int = 8, capacity: int | None = None,
+                 tokenizer=None, speculative: bool = False, draft_fn=None,
+                 kv_fp8: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, seed: int = 0):
+        cfg = model.cfg
+        self.use_mtp = speculative and draft_fn is None
+        if self.use_mtp and not len(model.mtp):
+            raise ValueError("speculative=True needs a model with an MTP block (n_mtp_layers=0)")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: must be at least 1")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        capacity = capacity or min(cfg.max_seq_len, DEFAULT_CAPACITY)
+        self.cache = KVCache(model, max_batch, capacity, kv_fp8=kv_fp8, mtp=self.use_mtp)
+        self.tokenizer = tokenizer
+        self.speculative = speculative
+        self.draft_fn = draft_fn
+        self.prefill_chunk = prefill_chunk
+        self.seeds = torch.Generator().manual_seed(seed)
+        self.ids = itertools.count()
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.free_slots = list(range(max_batch))
+        self.drafts_proposed = self.drafts_accepted = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of MTP drafts the main model accepted (speculative mode)."""
+        return self.drafts_accepted / max(1, self.drafts_proposed)
+
+    # -- request intake -----------------------------------------------------------------------
+    def check_prompt(self, prompt: Sequence[int], where: str = "prompt") -> list[int]:
+        """A validated copy of a prompt; ValueError naming what is wrong."""
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"{where}: must be a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"{where} is empty: give at least one token")
+        for i, token in enumerate(prompt):
+            if not _is_int(token) or not 0 <= token < self.cfg.vocab_size:
+                raise ValueError(f"{where}: token {i} = {token!r} is outside the vocabulary "
+                                 f"[0, {self.cfg.vocab_size})")
+        if len(prompt) >= self.capacity:
+            raise ValueError(f"{where} has {len(prompt)} tokens; the cache holds "
+                             f"{self.capacity} per sequence (model context "
+                             f"{self.cfg.max_seq_len}), leaving no room to generate")
+        return list(prompt)
+
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        params.check()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer=...)")
+        if self.speculative and params.temperature != 0:
+            raise ValueError(f"temperature={params.temperature}: speculative decoding is greedy "
+                             "only (temperature=0)")
+        return params
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt; returns its request id. Validates everything first."""
+        params = self.check_params(params or SamplingParams())
+        prompt = self.check_prompt(prompt)
+        seed = params.seed if params.seed is not None else int(
+            torch.randint(0, 2**62, (1,), generator=self.seeds))
+        request = Request(next(self.ids), prompt, params, torch.Generator().manual_seed(seed))
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request and free its cache slot; False if it is unknown or already done."""
+        for request in self.waiting:
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return True
+        request = self.running.get(request_id)
+        if request is None:
+            return False
+        self.finish(request, "cancelled")
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Admit what fits, then decode one token (or verify one draft) for every request."""
+        events: list[Event] = []
+        while self.waiting and self.free_slots:
+            events += self.admit(self.waiting.popleft())
+        decoding = [r for r in self.running.values() if not r.finished]
+        if decoding:
+            events += self.speculate(decoding) if self.speculative else self.decode(decoding)
+        return events
+
+    def admit(self, request: Request) -> list[Event]:
+        request.slot = self.free_slots.pop(0)
+        self.cache.reset(request.slot)
+        self.running[request.id] = request
+        logits = self.prefill(request)
+        return self.emit(request, [sample(logits, request.params, request.generator)])
+
+    def prefill(self, request: Request, chunk: int | None = None) -> torch.Tensor:
+        """Feed the prompt in chunks; returns the logits [V] after its last token."""
+        chunk = chunk or self.prefill_chunk
+        slots = torch.tensor([request.slot], device=self.device)
+        prompt = torch.tensor([request.prompt], device=self.device)
+        logits = None
+        for s in range(0, prompt.shape[1], chunk):
+            ids = prompt[:, s : s + chunk]
+            logits, streams = forward_step(self.model, self.cache, slots, ids)
+            if self.use_mtp:
+                self.mtp_catch_up(request, slots, streams, ids)
+        return logits[0, -1]
+
+    def mtp_catch_up(self, request: Request, slots, streams, ids) -> None:
+        """Run MTP over prompt positions whose next token is now known (it lags one token)."""
+        if request.pending_stream is not None:
+            streams = torch.cat((request.pending_stream, streams), dim=1)
+        else:
+            ids = ids[:, 1:]
+        request.pending_stream = streams[:, -1:]
+        if ids.shape[1]:
+            mtp_step(self.model, self.cache, slots, streams[:, :-1], ids)
+
+    def decode(self, requests: list[Request]) -> list[Event]:
+        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        ids = torch.tensor([[r.next_token] for r in requests], device=self.device)
+        logits, _ = forward_step(self.model, self.cache, slots, ids)
+        greedy = logits[:, -1].argmax(-1).tolist()
+        events = []
+        for i, request in enumerate(requests):
+            params = request.params
+            token = greedy[i] if params.temperature == 0 else sample(
+                logits[i, -1], params, request.generator)
+            events += self.emit(request, [token])
+        return events
+
+    def speculate(self, requests: list[Request]) -> list[Event]:
+        """Verify each request's draft with one two-token forward (greedy only).
+
+        The sequence holds L tokens; next_token (position L) and the draft (L+1) go in. If the
+        model's choice at L equals the draft, both it and the model's choice at L+1 are kept;
+        otherwise only the correction is, and position L+1 is dropped from the cache.
+        """
+        for request in requests:
+            if request.draft is None:
+                request.draft = self.first_draft(request)
+        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        ids = torch.tensor([[r.next_token, r.draft] for r in requests], device=self.device)
+        logits, streams = forward_step(self.model, self.cache, slots, ids, all_logits=True)
+        predicted = logits.argmax(-1).tolist()  # [B, 2]
+        accepted = [p[0] == r.draft for p, r in zip(predicted, requests)]
+        # Tokens at L+1 and L+2 (the second is meaningless after a rejection).
+        decided = [[r.draft, p[1]] if ok else [p[0], p[0]]
+                   for p, r, ok in zip(predicted, requests, accepted)]
+        drafts = self.mtp_drafts(slots, streams, decided, accepted) if self.use_mtp else None
+        events = []
+        for i, request in enumerate(requests):
+            self.drafts_proposed += 1
+            self.drafts_accepted += accepted[i]
+            if not accepted[i]:  # forget position L+1 (the wrong draft): main layers and MTP
+                self.cache.truncate(request.slot, int(self.cache.lengths[request.slot]) - 1)
+            request.draft = drafts[i] if drafts else None
+            events += self.emit(request, decided[i] if accepted[i] else decided[i][:1])
+        return events
+
+    def mtp_drafts(self, slots, streams, decided, accepted) -> list[int]:
+        """MTP over positions L and L+1 (taking tokens L+1 and L+2): the next drafts."""
+        mtp_logits = mtp_step(self.model, self.cache, slots, streams,
+                              torch.tensor(decided, device=self.device))
+        guesses = mtp_logits.argmax(-1).tolist()  # [B, 2]
+        return [g[1] if ok else g[0] for g, ok in zip(guesses, accepted)]
+
+    def first_draft(self, request: Request) -> int:
+        if self.use_mtp:
+            return self.propose(request)
+        draft = self.draft_fn(request.prompt + request.output)
+        if not _is_int(draft) or not 0 <= draft < self.cfg.vocab_size:
+            raise ValueError(f"draft_fn returned {draft!r}, not a token id in "
+                             f"[0, {self.cfg.vocab_size})")
+        return draft
+
+    def propose(self, request: Request) -> int:
+        """First draft after the prompt: MTP at the prompt's last position."""
+        slots = torch.tensor([request.slot], device=self.device)
+        ids = torch.tensor([[request.next_token]], device=self.device)
+        logits = mtp_step(self.model, self.cache, slots, request.pending_stream, ids)
+        request.pending_stream = None
+        return int(logits[0, -1].argmax())
+
+    # -- output and stopping ------------------------------------------------------------------
+    def emit(self, request: Request, tokens: list[int]) -> list[Event]:
+        """Append newly decided tokens, stopping at EOS/stop ids, stop strings, max_tokens or a
+        full cache; later tokens of the same step are dropped once the request stops."""
+        events = []
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(self.cfg.eos_token_id)
+        for token in tokens:
+            if token in stop_ids:
+                events.append(self.finish(request, "stop"))
+                break
+            request.output.append(token)
+            request.next_token = token
+            reason = self.stop_reason(request)
+            if reason:
+                events.append(Event(request.id, token))
+                events.append(self.finish(request, reason))
+                break
+            events.append(Event(request.id, token))
+        return events
+
+    def stop_reason(self, request: Request) -> str | None:
+        params = request.params
+        if params.stop and self.stop_string_at(request) is not None:
+            return "stop"
+        if len(request.output) >= params.max_tokens:
+            return "length"
+        # the next decode feeds next_token (and in speculative mode a draft after it)
+        needed = 2 if self.speculative else 1
+        if int(self.cache.lengths[request.slot]) + needed > self.capacity:
+            return "length"
+        return None
+
+    def stop_string_at(self, request: Request) -> int | None:
+        """Character index of the first stop string in the decoded output, if any."""
+        text = self.tokenizer.decode(request.output)
+        hits = [text.find(s) for s in request.params.stop if s in text]
+        return min(hits) if hits else None
+
+    def finish(self, request: Request, reason: str) -> Event:
+        request.finished, request.finish_reason = True, reason
+        self.running.pop(request.id, None)
+        self.cache.reset(request.slot)
+        self.free_slots.append(request.slot)
+        self.free_slots.sort()
+        return Event(request.id, None, finished=True, finish_reason=reason)
+
+    # -- convenience APIs ---------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Generated token ids for each prompt (stop tokens excluded). `params` is one
+        SamplingParams for all prompts or one per prompt. Every prompt and parameter set is
+        checked before any work starts."""
+        requests = self.submit(prompts, params)
+        outputs: dict[int, list[int]] = {rid: [] for rid in requests}
+        while any(rid in self.running or self.is_waiting(rid) for rid in requests):
+            for event in self.step():
+                if event.token is not None and event.request_id in outputs:
+                    outputs[event.request_id].append(event.token)
+        return [outputs[rid] for rid in requests]
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None
+               ) -> Iterator[int]:
+        """Yield the tokens of one prompt as they are produced."""
+        (rid,) = self.submit([prompt], params)
+        try:
+            while rid in self.running or self.is_waiting(rid):
+                for event in self.step():
+                    if event.request_id == rid and event.token is not None:
+                        yield event.token
+        finally:  # the consumer stopped early: free the slot
+            self.cancel(rid)
+
+    def submit(self, prompts, params) -> list[int]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts: must be a list of token-id lists")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self.check_prompt(prompt, f"prompt {i}")
+            self.check_params(p)
+        return [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+
+    def is_waiting(self, request_id: int) -> bool:
+        return any(r.id == request_id for r in self.waiting)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Incremental detokenization for streaming: `add(token)` returns the text that became
+    final (held back while the output ends inside a multi-byte UTF-8 character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = decode_known(self.tokenizer, self.ids)
+        if full.endswith("\ufffd"):  # maybe the first bytes of a character: wait
+            return ""
+        return self._advance(full)
+
+    def flush(self) -> str:
+        return self._advance(decode_known(self.tokenizer, self.ids))
+
+    def _advance(self, full: str) -> str:
+        new = full[len(self.text):]
+        self.text = full
+        return new
+
+
+def decode_known(tokenizer, ids: list[int]) -> str:
+    """Decode ids, showing ids the tokenizer does not have (a random model with a bigger
+    vocabulary than the fallback byte tokenizer) as `[id]` instead of failing."""
+    size = tokenizer.vocab_size
+    parts, run = [], []
+    for token in ids:
+        if 0 <= token < size:
+            run.append(token)
+            continue
+        if run:
+            parts.append(tokenizer.decode(run))
+            run = []
+        parts.append(f"[{token}]")
+    if run:
+        parts.append(tokenizer.decode(run))
+    return "".join(parts)
