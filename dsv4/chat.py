@@ -152,17 +152,24 @@ def _tool_functions(tools: Any, where: str) -> list[dict]:
         raise ValueError(f"{where}: expected a list of tools, got {type(tools).__name__}")
     functions = []
     for j, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise ValueError(f"{where}[{j}]: expected {{'type': 'function', 'function': {{...}}}}"
-                             f", got {tool!r:.80}")
-        function = tool.get("function")
-        if not isinstance(function, dict):
-            raise ValueError(f"{where}[{j}].function: missing or not an object")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise ValueError(f"{where}[{j}].function.name: missing or not a non-empty string")
+        function = _named_function(tool, f"{where}[{j}]")
         _to_json(function, f"{where}[{j}].function")
         functions.append(function)
     return functions
+
+
+def _named_function(item: Any, here: str) -> dict:
+    """The `function` object of a tool or tool call ({"type": "function", "function": {...}})
+    with a non-empty name."""
+    if not isinstance(item, dict) or item.get("type", "function") != "function":
+        raise ValueError(f"{here}: expected {{'type': 'function', 'function': {{...}}}}, "
+                         f"got {item!r:.80}")
+    function = item.get("function")
+    if not isinstance(function, dict):
+        raise ValueError(f"{here}.function: missing or not an object")
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ValueError(f"{here}.function.name: missing or not a non-empty string")
+    return function
 
 
 def _tool_calls(calls: Any, where: str) -> tuple[list[tuple[str, dict]], list[str | None]]:
@@ -172,15 +179,8 @@ def _tool_calls(calls: Any, where: str) -> tuple[list[tuple[str, dict]], list[st
     parsed, ids = [], []
     for j, call in enumerate(calls):
         here = f"{where}[{j}]"
-        if not isinstance(call, dict) or call.get("type", "function") != "function":
-            raise ValueError(f"{here}: expected {{'type': 'function', 'function': {{...}}}}, "
-                             f"got {call!r:.80}")
-        function = call.get("function")
-        if not isinstance(function, dict):
-            raise ValueError(f"{here}.function: missing or not an object")
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{here}.function.name: missing or not a non-empty string")
+        function = _named_function(call, here)
+        name = function["name"]
         arguments = function.get("arguments", "{}")
         if isinstance(arguments, str):
             try:
