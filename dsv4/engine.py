@@ -75,10 +75,8 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from fp32 logits [V]: temperature, then top-k, then top-p (nucleus)."""
-    if params.temperature == 0:
-        return int(logits.argmax())
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """fp32 logits [V] / temperature, with the tokens top-k and top-p drop set to -inf."""
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k).values[-1]
@@ -89,8 +87,27 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Drop a token when the tokens ranked above it already cover top_p (keeps >= 1).
         drop = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from fp32 logits [V]: temperature, then top-k, then top-p (nucleus)."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = filter_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sampled_logprob(logits: torch.Tensor, params: SamplingParams, token: int
+                    ) -> tuple[float, torch.Tensor | None]:
+    """log-probability of `token` under the distribution `sample` drew it from, and the ids that
+    distribution keeps (None: the whole vocabulary). Greedy reports the plain log-softmax."""
+    if params.temperature == 0:
+        return float(logits.float().log_softmax(-1)[token]), None
+    filtered = filter_logits(logits, params)
+    finite = torch.isfinite(filtered)
+    kept = None if bool(finite.all()) else finite.nonzero().squeeze(1)
+    return float(filtered.log_softmax(-1)[token]), kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,16 +181,27 @@ class Request:
     pending_stream: torch.Tensor | None = None  # streams of the last position MTP has not seen
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    routing: list[torch.Tensor] = field(default_factory=list)  # record mode: [layers, T, k]
 
 
 @dataclass
 class Event:
-    """One step's news about a request: a new token and/or its end."""
+    """One step's news about a request: a new token and/or its end.
+
+    With `Engine(record=True)` (for RL): `logprob` and `kept` describe the sampled token
+    (`token`, or `stop_token` when a stop token ended the request; see `sampled_logprob`), and
+    the finishing event's `routing` [n_layers, L, k] holds the experts every fed position
+    (prompt + sampled tokens but the last) was routed to, for `Transformer.routing_replay`.
+    """
 
     request_id: int
     token: int | None
     finished: bool = False
     finish_reason: str | None = None
+    stop_token: int | None = None
+    logprob: float | None = None
+    kept: torch.Tensor | None = None
+    routing: torch.Tensor | None = None
 
 
 class Engine:
@@ -183,13 +211,17 @@ class Engine:
     output); tokenizer: needed only for stop strings (anything with `decode(ids) -> str`);
     speculative: self-speculation (greedy requests only) with the MTP block's drafts, or with
     `draft_fn(tokens) -> token` guessing the token after `tokens` (e.g. prompt lookup) when
-    given; kv_fp8: FP8 cache storage.
+    given; kv_fp8: FP8 cache storage; record: log-probabilities, kept sets and expert routing
+    on the events (see `Event`).
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, capacity: int | None = None,
                  tokenizer=None, speculative: bool = False, draft_fn=None,
-                 kv_fp8: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, seed: int = 0):
+                 kv_fp8: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, seed: int = 0,
+                 record: bool = False):
         cfg = model.cfg
+        if record and speculative:
+            raise ValueError("record=True needs plain decoding (speculative=False)")
         self.use_mtp = speculative and draft_fn is None
         if self.use_mtp and not len(model.mtp):
             raise ValueError("speculative=True needs a model with an MTP block (n_mtp_layers=0)")
@@ -204,6 +236,7 @@ class Engine:
         self.speculative = speculative
         self.draft_fn = draft_fn
         self.prefill_chunk = prefill_chunk
+        self.record = record
         self.seeds = torch.Generator().manual_seed(seed)
         self.ids = itertools.count()
         self.waiting: deque[Request] = deque()
@@ -287,7 +320,7 @@ class Engine:
         self.cache.reset(request.slot)
         self.running[request.id] = request
         logits = self.prefill(request)
-        return self.emit(request, [sample(logits, request.params, request.generator)])
+        return self.emit(request, [sample(logits, request.params, request.generator)], logits)
 
     def prefill(self, request: Request, chunk: int | None = None) -> torch.Tensor:
         """Feed the prompt in chunks; returns the logits [V] after its last token."""
@@ -298,6 +331,7 @@ class Engine:
         for s in range(0, prompt.shape[1], chunk):
             ids = prompt[:, s : s + chunk]
             logits, streams = forward_step(self.model, self.cache, slots, ids)
+            self.record_routing([request], ids.shape[1])
             if self.use_mtp:
                 self.mtp_catch_up(request, slots, streams, ids)
         return logits[0, -1]
@@ -316,14 +350,25 @@ class Engine:
         slots = torch.tensor([r.slot for r in requests], device=self.device)
         ids = torch.tensor([[r.next_token] for r in requests], device=self.device)
         logits, _ = forward_step(self.model, self.cache, slots, ids)
+        self.record_routing(requests, 1)
         greedy = logits[:, -1].argmax(-1).tolist()
         events = []
         for i, request in enumerate(requests):
             params = request.params
             token = greedy[i] if params.temperature == 0 else sample(
                 logits[i, -1], params, request.generator)
-            events += self.emit(request, [token])
+            events += self.emit(request, [token], logits[i, -1])
         return events
+
+    def record_routing(self, requests: list[Request], n_tokens: int) -> None:
+        """Record mode: keep the experts each request's newly fed tokens were routed to."""
+        if not self.record:
+            return
+        k = self.cfg.n_activated_experts
+        chosen = torch.stack([layer.ffn.last_routing[0].view(len(requests), n_tokens, k)
+                              for layer in self.model.layers], dim=1).cpu()  # [B, L, T, k]
+        for request, routing in zip(requests, chosen):
+            request.routing.append(routing)
 
     def speculate(self, requests: list[Request]) -> list[Event]:
         """Verify each request's draft with one two-token forward (greedy only).
@@ -379,26 +424,30 @@ class Engine:
         return int(logits[0, -1].argmax())
 
     # -- output and stopping ------------------------------------------------------------------
-    def emit(self, request: Request, tokens: list[int]) -> list[Event]:
+    def emit(self, request: Request, tokens: list[int], logits: torch.Tensor | None = None
+             ) -> list[Event]:
         """Append newly decided tokens, stopping at EOS/stop ids, stop strings, max_tokens or a
-        full cache; later tokens of the same step are dropped once the request stops."""
+        full cache; later tokens of the same step are dropped once the request stops.
+        `logits` (one sampled token): what it was drawn from, for record mode."""
         events = []
         params = request.params
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.add(self.cfg.eos_token_id)
         for token in tokens:
+            info = {}
+            if self.record:
+                info["logprob"], info["kept"] = sampled_logprob(logits, params, token)
             if token in stop_ids:
-                events.append(self.finish(request, "stop"))
+                events.append(self.finish(request, "stop", stop_token=token, **info))
                 break
             request.output.append(token)
             request.next_token = token
+            events.append(Event(request.id, token, **info))
             reason = self.stop_reason(request)
             if reason:
-                events.append(Event(request.id, token))
                 events.append(self.finish(request, reason))
                 break
-            events.append(Event(request.id, token))
         return events
 
     def stop_reason(self, request: Request) -> str | None:
@@ -419,13 +468,15 @@ class Engine:
         hits = [text.find(s) for s in request.params.stop if s in text]
         return min(hits) if hits else None
 
-    def finish(self, request: Request, reason: str) -> Event:
+    def finish(self, request: Request, reason: str, **info) -> Event:
         request.finished, request.finish_reason = True, reason
         self.running.pop(request.id, None)
         self.cache.reset(request.slot)
         self.free_slots.append(request.slot)
         self.free_slots.sort()
-        return Event(request.id, None, finished=True, finish_reason=reason)
+        if self.record:
+            info["routing"] = torch.cat(request.routing, dim=1)
+        return Event(request.id, None, finished=True, finish_reason=reason, **info)
 
     # -- convenience APIs ---------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],

@@ -25,6 +25,7 @@ Training additions (all optional, off by default):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -773,10 +774,20 @@ class Gate(nn.Module):
             return logits.sigmoid()
         return logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """x: [T, dim] -> (weights [T, k] fp32, indices [T, k], scores [T, E] fp32)."""
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None, forced: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """x: [T, dim] -> (weights [T, k] fp32, indices [T, k], scores [T, E] fp32).
+
+        forced [T, k]: use these experts (routing replay) instead of choosing them.
+        """
         scores = self.scores(x)
-        if self.hash_routed:
+        if forced is not None:
+            if forced.shape != (x.shape[0], self.topk):
+                raise ValueError(f"forced routing of shape {tuple(forced.shape)} for "
+                                 f"{x.shape[0]} tokens: expected {(x.shape[0], self.topk)}")
+            indices = forced.to(scores.device)
+        elif self.hash_routed:
             if input_ids is None:
                 raise ValueError("hash-routed MoE layers need the token ids (input_ids)")
             indices = self.tid2eid[input_ids.flatten()]
@@ -803,11 +814,12 @@ class MoE(nn.Module):
             else None
         )
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, scores)
+        self.forced_routing: torch.Tensor | None = None  # [tokens, k], see `routing_replay`
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, indices, scores = self.gate(flat, input_ids)
+        weights, indices, scores = self.gate(flat, input_ids, self.forced_routing)
         self.last_routing = (indices, scores)  # read by training for balancing statistics
         out = self.experts(flat, indices, weights)
         if self.shared_experts is not None:
@@ -960,6 +972,24 @@ class Transformer(nn.Module):
             for m in self.modules()
             if isinstance(m, Attention) and m.last_indexer_loss is not None
         ]
+
+    @contextlib.contextmanager
+    def routing_replay(self, routing: torch.Tensor):
+        """Inside the block, the main layers' MoEs use the given experts instead of choosing:
+        routing [n_layers, B, S, k] (e.g. recorded while sampling, so that an RL training
+        forward routes every token exactly as the rollout did). Gate weights still come from
+        the current scores, so gradients flow as usual."""
+        n, k = len(self.layers), self.cfg.n_activated_experts
+        if routing.dim() != 4 or routing.shape[0] != n or routing.shape[-1] != k:
+            raise ValueError(f"routing of shape {tuple(routing.shape)}: expected "
+                             f"[n_layers={n}, batch, seq, k={k}]")
+        try:
+            for layer, chosen in zip(self.layers, routing):
+                layer.ffn.forced_routing = chosen.reshape(-1, k)
+            yield
+        finally:
+            for layer in self.layers:
+                layer.ffn.forced_routing = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head.weight.to(hidden.dtype)).float()

@@ -202,3 +202,58 @@ def test_speculation_with_accepted_and_rejected_drafts(model, prompts, reference
         assert 0.4 < engine.acceptance_rate < 0.9
     else:
         assert engine.acceptance_rate > 0.9
+
+
+def test_record_mode_logprobs_and_routing_match_the_training_forward(model, prompts) -> None:
+    """What RL needs: the engine's log-probability of each sampled token (under the top-k/top-p
+    filtered, temperature-scaled distribution) equals the full forward's, renormalized over
+    the recorded kept set, with the recorded expert routing replayed."""
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=12, seed=3)
+    engine = Engine(model, max_batch=2, capacity=256, record=True)
+    ids = [engine.add_request(p, params) for p in prompts[:2]]
+    events: dict[int, list] = {rid: [] for rid in ids}
+    while engine.has_work():
+        for event in engine.step():
+            events[event.request_id].append(event)
+    k = model.cfg.n_activated_experts
+    for rid, prompt in zip(ids, prompts):
+        sampled = [e for e in events[rid] if e.token is not None or e.stop_token is not None]
+        tokens = [e.token if e.token is not None else e.stop_token for e in sampled]
+        fed = prompt + tokens[:-1]
+        routing = events[rid][-1].routing
+        assert routing.shape == (model.cfg.n_layers, len(fed), k)
+        with torch.no_grad():
+            logits = model(torch.tensor([fed]))[0, len(prompt) - 1:]
+            natural = torch.stack([layer.ffn.last_routing[0] for layer in model.layers])
+            assert torch.equal(natural, routing)  # fp32: the rollout routed like the forward
+            with model.routing_replay(routing.unsqueeze(1)):
+                replayed = model(torch.tensor([fed]))[0, len(prompt) - 1:]
+        torch.testing.assert_close(replayed, logits)
+        for t, event in enumerate(sampled):
+            scaled = logits[t] / params.temperature
+            mask = torch.full_like(scaled, float("-inf"))
+            mask[event.kept] = 0
+            expected = (scaled + mask).log_softmax(-1)[tokens[t]]
+            assert event.kept is not None and tokens[t] in event.kept.tolist()
+            assert abs(event.logprob - float(expected)) < 1e-4
+
+
+def test_routing_replay_forces_the_experts(model, prompts) -> None:
+    ids = torch.tensor([prompts[2]])
+    with torch.no_grad():
+        logits = model(ids)
+        own = torch.stack([layer.ffn.last_routing[0] for layer in model.layers])
+        other = (own + 1) % model.cfg.n_routed_experts  # different experts, still distinct
+        with model.routing_replay(other.unsqueeze(1)):
+            forced = model(ids)
+        assert torch.equal(model.layers[-1].ffn.last_routing[0], other[-1])
+    assert not torch.allclose(forced, logits)
+    assert all(layer.ffn.forced_routing is None for layer in model.layers)
+    with pytest.raises(ValueError, match="routing of shape"):
+        with model.routing_replay(own):
+            pass
+
+
+def test_record_mode_refuses_speculation(model) -> None:
+    with pytest.raises(ValueError, match="record=True"):
+        Engine(model, speculative=True, record=True)
