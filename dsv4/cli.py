@@ -698,10 +698,15 @@ COMMANDS: list[Callable[[Any], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here: these modules build on the helpers above.
+    from dsv4.evaluate.cli import add_commands as add_eval
+    from dsv4.posttrain.cli import add_commands as add_posttrain
+    from dsv4.server.cli import add_commands as add_serve
+
     parser = argparse.ArgumentParser(
         prog="dsv4", description="DeepSeek-V4, end to end, in readable PyTorch.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
+    for add in [*COMMANDS, add_posttrain, add_serve, add_eval]:
         add(subparsers)
     return parser
 

@@ -1,0 +1,1 @@
+"""`dsv4 eval`: perplexity, long-context retrieval, tasks and benchmark files."""
