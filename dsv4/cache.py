@@ -216,6 +216,11 @@ class LayerCache:
         cfg = attn.cfg
         fp8_dims = cfg.nope_head_dim if kv_fp8 else 0
         self.ratio = attn.ratio
+        # Opt-in observer of the Lightning Indexer (CSA layers), e.g. `dsv4 eval --suite niah`
+        # checking that the top-k holds the needle: called as on_select(positions [B, T],
+        # chosen [B, T, k] entry indices, -1 = padding) or chosen=None when every visible
+        # entry is attended (no more of them than top-k). None (the default) costs nothing.
+        self.on_select = None
         self.window = Ring(slots, attn.window + slack, attn.head_dim, dtype, device, fp8_dims)
         self.main = self.index = None
         if attn.compressor is not None:
@@ -288,6 +293,8 @@ def select_entries(attn: Attention, cache: LayerCache, slots, x, q_latent, posit
     visible = entry < n_visible.unsqueeze(-1)  # [B, T, C]
     indexer = attn.indexer
     if indexer is None or n_max <= indexer.topk:
+        if cache.on_select is not None and indexer is not None:
+            cache.on_select(positions, None)
         return Selection(cache.main.entries.read_prefix(slots, n_max), visible, gathered=False)
     keys = cache.index.entries.read_prefix(slots, n_max)
     q_index = indexer.queries(q_latent, cos, sin)
@@ -296,6 +303,8 @@ def select_entries(attn: Attention, cache: LayerCache, slots, x, q_latent, posit
     keep = top_k_mask(scores.masked_fill(~visible, float("-inf")), k)  # k per query
     chosen = keep.nonzero()[:, -1].view(batch, length, k)  # their indices, ascending
     mask = chosen < n_visible.unsqueeze(-1)  # fewer visible than k: the rest are padding
+    if cache.on_select is not None:
+        cache.on_select(positions, chosen.masked_fill(~mask, -1))
     values = cache.main.entries.read(slots, chosen.flatten(1))  # only the chosen rows
     return Selection(values.view(batch, length, k, -1), mask, gathered=True)
 

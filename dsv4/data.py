@@ -412,7 +412,7 @@ def _write_store(folder: Path, documents: Iterable[Document], tokenizer: Any,
     if n_docs == 0:
         raise DataError("the corpus holds no documents")
     np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    np.save(folder / "val.npy", _validation_documents(n_docs, val_fraction))
+    np.save(folder / "val.npy", validation_documents(n_docs, val_fraction))
     meta = dict(format=STORE_FORMAT, dtype=dtype.name, vocab_size=tokenizer.vocab_size,
                 bos_id=bos, eos_id=eos, pad_id=tokenizer.pad_id, n_documents=n_docs,
                 n_tokens=offsets[-1], val_fraction=val_fraction)
@@ -430,7 +430,7 @@ def _chunks(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield chunk
 
 
-def _validation_documents(n_docs: int, val_fraction: float) -> np.ndarray:
+def validation_documents(n_docs: int, val_fraction: float) -> np.ndarray:
     """Indices of the validation documents: a fixed pseudo-random choice (seed 0), at least one
     when val_fraction > 0 and there are two documents or more, never all of them."""
     if val_fraction == 0 or n_docs < 2:

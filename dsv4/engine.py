@@ -4,11 +4,14 @@
     outputs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=32))
     for token in engine.stream([1, 2, 3], SamplingParams(max_tokens=16)): ...
 
-The engine is a loop over `step()`: admit waiting requests into free cache slots (chunked
-prefill, first token), then decode one token for every running request in one batched forward
-(or, with `speculative=True`, verify each request's MTP draft: two tokens per forward, the
-cache rolled back one token where the draft is rejected). Requests join and leave between
-steps (`add_request`, `cancel`), which is what a server's continuous batching needs.
+The engine is a loop over `step()`: admit waiting requests into free cache slots, run one
+prefill round (the next chunk of every admitted prompt, batched into one forward; a prompt whose
+last chunk went in samples its first token), then decode one token for every running request in
+one batched forward (or, with `speculative=True`, verify each request's MTP draft: two tokens
+per forward, the cache rolled back one token where the draft is rejected). A long prompt thus
+takes several steps while the others keep decoding, instead of stalling them. Requests join and
+leave between steps (`add_request`, `cancel`), which is what a server's continuous batching
+needs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dsv4.model import Block, Transformer, hc_head
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_CAPACITY = 16_384
+MAX_TOP_LOGPROBS = 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +49,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
     stop: list[str] = field(default_factory=list)  # stop strings (need the engine's tokenizer)
     ignore_eos: bool = False
+    # Raw-model log-probabilities on the events (OpenAI `logprobs`): None = off, N = the
+    # sampled token's plus the N most likely alternatives.
+    logprobs: int | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first out-of-range parameter."""
@@ -61,6 +68,9 @@ class SamplingParams:
              all(_is_int(t) for t in self.stop_token_ids), "a list of token ids"),
             ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
+            ("logprobs", self.logprobs, self.logprobs is None or (
+                _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
@@ -96,6 +106,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def raw_logprobs(logits: torch.Tensor, token: int, top: int
+                 ) -> tuple[float, list[tuple[int, float]]]:
+    """The model's own log-probability of `token` (before temperature and filters, as OpenAI
+    reports it) and the `top` most likely (token, log-probability) pairs."""
+    logprobs = logits.float().log_softmax(-1)
+    best = logprobs.topk(top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return float(logprobs[token]), pairs
 
 
 def sampled_logprob(logits: torch.Tensor, params: SamplingParams, token: int
@@ -176,6 +196,7 @@ class Request:
     generator: torch.Generator
     output: list[int] = field(default_factory=list)
     slot: int | None = None
+    fed: int = 0  # prompt tokens already in the cache (chunked prefill)
     next_token: int | None = None  # sampled, not yet fed to the model
     draft: int | None = None  # MTP guess for the token after next_token
     pending_stream: torch.Tensor | None = None  # streams of the last position MTP has not seen
@@ -202,6 +223,10 @@ class Event:
     logprob: float | None = None
     kept: torch.Tensor | None = None
     routing: torch.Tensor | None = None
+    # SamplingParams.logprobs set: the raw model's log-probability of `token` (or
+    # `stop_token`) and the most likely alternatives [(token, logprob)], best first.
+    token_logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class Engine:
@@ -212,7 +237,8 @@ class Engine:
     speculative: self-speculation (greedy requests only) with the MTP block's drafts, or with
     `draft_fn(tokens) -> token` guessing the token after `tokens` (e.g. prompt lookup) when
     given; kv_fp8: FP8 cache storage; record: log-probabilities, kept sets and expert routing
-    on the events (see `Event`).
+    on the events (see `Event`); prefill_chunk: most prompt tokens one request feeds per step
+    (a prefill round feeds at most `4 * prefill_chunk` tokens over all requests).
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, capacity: int | None = None,
@@ -277,6 +303,9 @@ class Engine:
         if self.speculative and params.temperature != 0:
             raise ValueError(f"temperature={params.temperature}: speculative decoding is greedy "
                              "only (temperature=0)")
+        if self.speculative and params.logprobs is not None:
+            raise ValueError(f"logprobs={params.logprobs}: not available with speculative "
+                             "decoding (it accepts two tokens per forward)")
         return params
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
@@ -306,35 +335,48 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """Admit what fits, then decode one token (or verify one draft) for every request."""
+        """Admit what fits, run one prefill round, then decode one token (or verify one draft)
+        for every request whose prompt is in."""
         events: list[Event] = []
         while self.waiting and self.free_slots:
-            events += self.admit(self.waiting.popleft())
-        decoding = [r for r in self.running.values() if not r.finished]
+            self.admit(self.waiting.popleft())
+        prefilling = [r for r in self.running.values() if r.fed < len(r.prompt)]
+        if prefilling:
+            events += self.prefill_round(prefilling)
+        decoding = [r for r in self.running.values()
+                    if not r.finished and r.fed == len(r.prompt)]
         if decoding:
             events += self.speculate(decoding) if self.speculative else self.decode(decoding)
         return events
 
-    def admit(self, request: Request) -> list[Event]:
+    def admit(self, request: Request) -> None:
         request.slot = self.free_slots.pop(0)
         self.cache.reset(request.slot)
         self.running[request.id] = request
-        logits = self.prefill(request)
-        return self.emit(request, [sample(logits, request.params, request.generator)], logits)
 
-    def prefill(self, request: Request, chunk: int | None = None) -> torch.Tensor:
-        """Feed the prompt in chunks; returns the logits [V] after its last token."""
-        chunk = chunk or self.prefill_chunk
-        slots = torch.tensor([request.slot], device=self.device)
-        prompt = torch.tensor([request.prompt], device=self.device)
-        logits = None
-        for s in range(0, prompt.shape[1], chunk):
-            ids = prompt[:, s : s + chunk]
-            logits, streams = forward_step(self.model, self.cache, slots, ids)
-            self.record_routing([request], ids.shape[1])
+    def prefill_round(self, requests: list[Request]) -> list[Event]:
+        """The next chunk of every prompt still being fed, in one [B, n] forward. All rows must
+        feed the same n tokens (no padding: it would leak into the compressor windows), so n is
+        the shortest remainder (at most prefill_chunk); the longer prompts go on next step.
+        Prompts whose last token went in sample their first token."""
+        n = min(self.prefill_chunk, *(len(r.prompt) - r.fed for r in requests))
+        batch = requests[: max(1, 4 * self.prefill_chunk // n)]
+        if self.use_mtp:  # the MTP catch-up keeps per-request state: one prompt at a time
+            batch = batch[:1]
+        slots = torch.tensor([r.slot for r in batch], device=self.device)
+        ids = torch.tensor([r.prompt[r.fed : r.fed + n] for r in batch], device=self.device)
+        logits, streams = forward_step(self.model, self.cache, slots, ids)
+        self.record_routing(batch, n)
+        events = []
+        for i, request in enumerate(batch):
             if self.use_mtp:
-                self.mtp_catch_up(request, slots, streams, ids)
-        return logits[0, -1]
+                self.mtp_catch_up(request, slots[i : i + 1], streams[i : i + 1], ids[i : i + 1])
+            request.fed += n
+            if request.fed == len(request.prompt):
+                last = logits[i, -1]
+                events += self.emit(request, [sample(last, request.params, request.generator)],
+                                    last)
+        return events
 
     def mtp_catch_up(self, request: Request, slots, streams, ids) -> None:
         """Run MTP over prompt positions whose next token is now known (it lags one token)."""
@@ -438,6 +480,9 @@ class Engine:
             info = {}
             if self.record:
                 info["logprob"], info["kept"] = sampled_logprob(logits, params, token)
+            if params.logprobs is not None and logits is not None:
+                info["token_logprob"], info["top_logprobs"] = raw_logprobs(
+                    logits, token, params.logprobs)
             if token in stop_ids:
                 events.append(self.finish(request, "stop", stop_token=token, **info))
                 break
@@ -464,7 +509,7 @@ class Engine:
 
     def stop_string_at(self, request: Request) -> int | None:
         """Character index of the first stop string in the decoded output, if any."""
-        text = self.tokenizer.decode(request.output)
+        text = decode_known(self.tokenizer, request.output)
         hits = [text.find(s) for s in request.params.stop if s in text]
         return min(hits) if hits else None
 

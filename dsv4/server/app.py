@@ -1,0 +1,538 @@
+"""The HTTP API: an OpenAI-compatible FastAPI app over a `Scheduler`.
+
+    app = create_app(engine, tokenizer, served_model="nano")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(streaming as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`).
+
+Decisions, documented where a client can see them:
+- Text prompts of /v1/completions get BOS put in front (as `dsv4 generate` does); token-id
+  prompts are used as given. With `echo` the echoed text is the prompt as sent, and the
+  logprobs lists cover every scored token, BOS included (first entry: logprob null), BOS
+  being zero-width in `text_offset`.
+- `max_tokens` beyond what the request's cache slot can still hold is clipped: generation
+  ends there with finish_reason "length". Without `max_tokens`, chat generates up to that
+  limit and completions 16 tokens (OpenAI's legacy default).
+- A prompt that leaves no room to generate is a 400 naming `prompt` / `messages`
+  (code "context_length_exceeded"). Scoring only (`echo`, `max_tokens: 0`) needs no cache:
+  the prompt may then be as long as the model's context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from dsv4.chat import encode_chat
+from dsv4.engine import Engine, SamplingParams, TextStream, decode_known
+from dsv4.server.choices import ChatChoice, KnownTokens, TextChoice
+from dsv4.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    bad,
+    parse_chat_request,
+    parse_completion_request,
+)
+from dsv4.server.scheduler import Handle, Scheduler
+
+DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while its request was running."""
+
+
+class Server:
+    """What the endpoints share: the engine's scheduler, the tokenizer, the served name."""
+
+    def __init__(self, engine: Engine, tokenizer, served_model: str, max_queue: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.known = KnownTokens(tokenizer)
+        self.served_model = served_model
+        self.scheduler = Scheduler(engine, max_queue)
+        self.created = int(time.time())
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.capacity
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.cfg.vocab_size
+
+    # -- prompts and parameters -------------------------------------------------------------
+    def check_prompt(self, ids: list[int], param: str, scoring_only: bool = False) -> None:
+        limit = self.engine.cfg.max_seq_len if scoring_only else self.capacity - 1
+        if len(ids) > limit:
+            room = ("the model's context" if scoring_only else
+                    "the per-request cache capacity (leaving one token to generate)")
+            raise APIError(400, f"{param}: the prompt has {len(ids)} tokens, more than the "
+                           f"{limit} that {room} allows", param=param,
+                           code="context_length_exceeded")
+
+    def engine_params(self, sampling: Sampling, prompt_len: int, sample: int,
+                      logprobs: int | None) -> SamplingParams:
+        """Engine settings of one choice: max_tokens clipped to the slot's room; the n
+        samples of a seeded request get seeds seed, seed+1, ..."""
+        room = self.capacity - prompt_len + 1
+        wanted = sampling.max_tokens if sampling.max_tokens is not None else room
+        seed = None if sampling.seed is None else (sampling.seed + sample) % 2**63
+        params = SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=max(1, min(wanted, room)), seed=seed, stop=sampling.stop,
+            ignore_eos=sampling.ignore_eos, logprobs=logprobs)
+        try:
+            self.engine.check_params(params)
+        except ValueError as err:  # e.g. temperature > 0 with a speculative engine
+            name = str(err).split("=", 1)[0]
+            raise bad(name, str(err)) from None
+        return params
+
+    def token_text(self, token: int) -> str:
+        return decode_known(self.tokenizer, [token])
+
+
+# ---- the app -----------------------------------------------------------------------------------
+def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64) -> FastAPI:
+    """The FastAPI app serving `engine` (whose cache sets the batch and memory budget)."""
+    if engine.tokenizer is None:
+        engine.tokenizer = KnownTokens(tokenizer)  # the engine's stop strings need one
+    server = Server(engine, tokenizer, served_model, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        yield
+        server.scheduler.stop()
+
+    app = FastAPI(title="dsv4", lifespan=lifespan)
+    app.state.server = server
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = server.scheduler.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine thread stopped",
+                             "model": server.served_model, **server.scheduler.stats()},
+                            status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": server.served_model, "object": "model", "created": server.created,
+            "owned_by": "dsv4", "max_model_len": server.capacity}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        parsed = parse_completion_request(body, server.served_model, server.vocab_size)
+        return await serve_completion(server, request, parsed)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        parsed = parse_chat_request(body, server.served_model)
+        return await serve_chat(server, request, parsed)
+
+    return app
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}",
+                       code="invalid_json") from None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI error body, never FastAPI's default shapes."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(APIError(400, f"{param}: {first.get('msg', 'invalid request')}",
+                                     param=param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found" if err.status_code == 404 else "invalid_request_error"
+        message = (f"{request.method} {request.url.path}: {err.detail}")
+        return JSONResponse(APIError(err.status_code, message, type=kind).body(),
+                            status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(APIError(500, f"internal error: {err}", type="server_error").body(),
+                            status_code=500)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def next_item(handle: Handle, request: Request) -> tuple:
+    """The next item the scheduler delivered; ClientGone if the client left meanwhile
+    (checked every DISCONNECT_POLL_S, also while items keep coming: a non-streaming request
+    sends nothing that could fail); APIError items are raised."""
+    while True:
+        now = time.monotonic()
+        if now - handle.checked_at > DISCONNECT_POLL_S:
+            handle.checked_at = now
+            if await request.is_disconnected():
+                raise ClientGone
+        if not handle.queue.empty():  # the usual case mid-generation: no timer, no task
+            item = handle.queue.get_nowait()
+        else:
+            try:
+                item = await asyncio.wait_for(handle.queue.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
+        if item[0] == "error":
+            raise item[2]
+        return item
+
+
+@contextlib.asynccontextmanager
+async def generations(server: Server, request: Request, prompts: list[list[int]],
+                      params: list[SamplingParams]):
+    """Submit generations (429 when full); whatever happens after, unfinished ones are
+    cancelled and their cache slots freed (client gone, error, server shutting down)."""
+    handle = server.scheduler.new_handle()
+    if prompts:
+        server.scheduler.submit(handle, prompts, params)
+    done = [False]
+    try:
+        yield handle, done
+    finally:
+        if prompts and not done[0]:
+            server.scheduler.cancel(handle)
+
+
+# ---- /v1/completions -----------------------------------------------------------------------
+class CompletionJob:
+    """A parsed /v1/completions request turned into token ids, one choice per (prompt, sample)."""
+
+    def __init__(self, server: Server, parsed: CompletionRequest) -> None:
+        self.server, self.parsed = server, parsed
+        tok = server.tokenizer
+        self.ids: list[list[int]] = []  # per prompt
+        self.added: list[int] = []  # per prompt: tokens the server put in front (BOS)
+        self.echo_text: list[str] = []
+        scoring_only = parsed.sampling.max_tokens == 0
+        for i, prompt in enumerate(parsed.prompts):
+            param = "prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                bos = [tok.bos_id] if tok.bos_id is not None else []
+                ids = bos + tok.encode(prompt)
+                self.added.append(len(bos))
+                self.echo_text.append(prompt)
+            else:
+                ids = list(prompt)
+                self.added.append(0)
+                self.echo_text.append(decode_known(tok, ids))
+            server.check_prompt(ids, param, scoring_only)
+            self.ids.append(ids)
+        n = parsed.sampling.n
+        self.choice_prompt = [p for p in range(len(self.ids)) for _ in range(n)]
+        self.engine_prompts = [] if scoring_only else [self.ids[p] for p in self.choice_prompt]
+        self.engine_params = [] if scoring_only else [
+            server.engine_params(parsed.sampling, len(self.ids[p]), k % n, parsed.logprobs)
+            for k, p in enumerate(self.choice_prompt)]
+        self.choices = [TextChoice(tok, parsed.sampling.stop) for _ in self.choice_prompt]
+        if scoring_only:  # nothing to generate: every choice is complete already
+            for choice in self.choices:
+                choice.finish_reason = "length"
+        self.prompt_logprobs: list[dict | None] = [None] * len(self.ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.parsed.echo and self.parsed.logprobs is not None
+
+    def prompt_tokens(self) -> int:
+        return sum(len(self.ids[p]) for p in self.choice_prompt)
+
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+    def legacy_prompt_logprobs(self, p: int, scores: list) -> dict:
+        """OpenAI legacy logprobs of prompt p's tokens from a scoring pass."""
+        ids, added = self.ids[p], self.added[p]
+        tokens, offsets = self._token_strings(ids), [0] * added
+        stream = TextStream(self.server.tokenizer)
+        for token in ids[added:]:
+            offsets.append(len(stream.text))
+            stream.add(token)
+        top = [None if s is None else self._top(s[1]) for s in scores]
+        return {"tokens": tokens, "token_logprobs": [None if s is None else s[0] for s in scores],
+                "top_logprobs": top, "text_offset": offsets}
+
+    def legacy_generated_logprobs(self, choice: TextChoice, base: int, start: int = 0) -> dict:
+        """OpenAI legacy logprobs of a choice's generated tokens [start:], offsets from
+        `base` (the length of the echoed prompt), only tokens inside the visible text."""
+        stream = TextStream(self.server.tokenizer)
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for k, token in enumerate(choice.tokens[: len(choice.logprobs)]):
+            offset = len(stream.text)
+            stream.add(token)
+            if k < start or offset > len(choice.text) or (k and offset == len(choice.text)
+                                                          and choice.stopped):
+                continue
+            logprob, top = choice.logprobs[k]
+            out["tokens"].append(self.server.token_text(token))
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(self._top(top))
+            out["text_offset"].append(base + offset)
+        return out
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        return [self.server.token_text(t) for t in ids]
+
+    def _top(self, pairs: list[tuple[int, float]]) -> dict[str, float]:
+        top: dict[str, float] = {}
+        for token, logprob in pairs:
+            top.setdefault(self.server.token_text(token), logprob)
+        return top
+
+
+async def serve_completion(server: Server, request: Request, parsed: CompletionRequest):
+    job = CompletionJob(server, parsed)
+    if parsed.stream:
+        # Submitted here, before the response starts, so a full queue is still a plain 429.
+        stack = contextlib.AsyncExitStack()
+        handle, done = await stack.enter_async_context(
+            generations(server, request, job.engine_prompts, job.engine_params))
+        return StreamingResponse(stream_completion(server, request, job, handle, done, stack),
+                                 media_type="text/event-stream")
+    async with generations(server, request, job.engine_prompts, job.engine_params) as (handle,
+                                                                                     done):
+        try:
+            await score_prompts(server, request, job)
+            await collect(job.choices, handle, request, lambda k, event: job.choices[k].add(event))
+            done[0] = True
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+    return completion_response(job)
+
+
+async def score_prompts(server: Server, request: Request, job: CompletionJob) -> None:
+    """Echo with logprobs: the prompt tokens' log-probabilities, from a scoring pass."""
+    if not job.wants_prompt_logprobs:
+        return
+    for p, ids in enumerate(job.ids):
+        handle = server.scheduler.new_handle()
+        server.scheduler.score(handle, ids, job.parsed.logprobs or 0)
+        _, _, scores = await next_item(handle, request)
+        job.prompt_logprobs[p] = job.legacy_prompt_logprobs(p, scores)
+
+
+async def collect(choices: list, handle: Handle, request: Request, add) -> None:
+    """Feed every delivered event to `add(choice index, event)` until all choices finish."""
+    while not all(c.finished for c in choices):
+        choice, event = await next_item(handle, request)
+        add(choice, event)
+
+
+def completion_response(job: CompletionJob) -> dict:
+    parsed, choices = job.parsed, []
+    for k, (choice, p) in enumerate(zip(job.choices, job.choice_prompt)):
+        echo = job.echo_text[p] if parsed.echo else ""
+        logprobs = None
+        if parsed.logprobs is not None:
+            logprobs = merge_logprobs(job.prompt_logprobs[p] if parsed.echo else None,
+                                      job.legacy_generated_logprobs(choice, len(echo)))
+        choices.append({"index": k, "text": echo + choice.text, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason or "length"})
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+            "model": job.server.served_model, "choices": choices,
+            "usage": usage(job.prompt_tokens(), job.completion_tokens())}
+
+
+def merge_logprobs(first: dict | None, second: dict) -> dict:
+    if first is None:
+        return second
+    return {key: first[key] + second[key] for key in first}
+
+
+async def stream_completion(server: Server, request: Request, job: CompletionJob,
+                            handle: Handle, done: list, stack: contextlib.AsyncExitStack
+                            ) -> AsyncIterator[str]:
+    rid, created, parsed = new_id("cmpl"), int(time.time()), job.parsed
+
+    def chunk(index: int, text: str, finish: str | None = None, logprobs=None) -> str:
+        return sse({"id": rid, "object": "text_completion", "created": created,
+                    "model": server.served_model, "choices": [{
+                        "index": index, "text": text, "logprobs": logprobs,
+                        "finish_reason": finish}]})
+
+    async with stack:
+        try:
+            await score_prompts(server, request, job)
+            if parsed.echo:
+                for k, p in enumerate(job.choice_prompt):
+                    yield chunk(k, job.echo_text[p], logprobs=job.prompt_logprobs[p])
+            if not job.engine_prompts:  # scoring only
+                for k in range(len(job.choices)):
+                    yield chunk(k, "", "length")
+            while not all(c.finished for c in job.choices):
+                k, event = await next_item(handle, request)
+                choice = job.choices[k]
+                seen = len(choice.logprobs)
+                text = choice.add(event)
+                logprobs = None
+                if parsed.logprobs is not None and len(choice.logprobs) > seen:
+                    base = len(job.echo_text[job.choice_prompt[k]]) if parsed.echo else 0
+                    logprobs = job.legacy_generated_logprobs(choice, base, start=seen)
+                if text or logprobs or choice.finished:
+                    yield chunk(k, text, choice.finish_reason, logprobs)
+            done[0] = True
+            if parsed.include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created,
+                           "model": server.served_model, "choices": [],
+                           "usage": usage(job.prompt_tokens(), job.completion_tokens())})
+            yield sse("[DONE]")
+        except ClientGone:
+            return
+        except APIError as err:
+            yield sse(err.body())
+            yield sse("[DONE]")
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------
+class ChatJob:
+    """A parsed chat request encoded with the V4 chat template, one choice per sample."""
+
+    def __init__(self, server: Server, parsed: ChatRequest) -> None:
+        self.server, self.parsed = server, parsed
+        try:
+            text = encode_chat(parsed.messages, thinking=parsed.thinking,
+                               reasoning_effort=parsed.effort, tools=parsed.tools)
+        except ValueError as err:
+            param = "tools" if str(err).startswith("tools") else "messages"
+            raise bad(param, str(err).removeprefix(f"{param}: ")) from None
+        self.ids = server.tokenizer.encode(text)
+        server.check_prompt(self.ids, "messages")
+        n = parsed.sampling.n
+        self.engine_prompts = [self.ids] * n
+        self.engine_params = [server.engine_params(parsed.sampling, len(self.ids), k,
+                                                   parsed.logprobs) for k in range(n)]
+        self.choices = [ChatChoice(server.tokenizer, parsed.sampling.stop, parsed.thinking,
+                                   call_id_prefix=f"call_{uuid.uuid4().hex[:8]}_{k}_")
+                        for k in range(n)]
+        self.logprobs_sent = [0] * n
+
+    def prompt_tokens(self) -> int:
+        return len(self.ids) * len(self.choices)
+
+    def completion_tokens(self) -> int:
+        return sum(len(c.text.tokens) for c in self.choices)
+
+    def token_logprobs(self, k: int, start: int = 0) -> list[dict]:
+        """OpenAI chat logprobs entries of choice k's tokens [start:] (all generated tokens,
+        reasoning and markup included: they are what the model produced)."""
+        choice = self.choices[k].text
+        out = []
+        for token, (logprob, top) in zip(choice.tokens[start:], choice.logprobs[start:]):
+            out.append({**self._entry(token, logprob),
+                        "top_logprobs": [self._entry(t, lp) for t, lp in top]})
+        return out
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        text = self.server.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+async def serve_chat(server: Server, request: Request, parsed: ChatRequest):
+    job = ChatJob(server, parsed)
+    if parsed.stream:
+        stack = contextlib.AsyncExitStack()
+        handle, done = await stack.enter_async_context(
+            generations(server, request, job.engine_prompts, job.engine_params))
+        return StreamingResponse(stream_chat(server, request, job, handle, done, stack),
+                                 media_type="text/event-stream")
+    async with generations(server, request, job.engine_prompts, job.engine_params) as (handle,
+                                                                                     done):
+        try:
+            await collect(job.choices, handle, request, lambda k, event: job.choices[k].add(event))
+            done[0] = True
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+    choices = []
+    for k, choice in enumerate(job.choices):
+        logprobs = {"content": job.token_logprobs(k)} if parsed.logprobs is not None else None
+        choices.append({"index": k, "message": choice.message(), "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason})
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+            "model": server.served_model, "choices": choices,
+            "usage": usage(job.prompt_tokens(), job.completion_tokens())}
+
+
+async def stream_chat(server: Server, request: Request, job: ChatJob, handle: Handle,
+                      done: list, stack: contextlib.AsyncExitStack) -> AsyncIterator[str]:
+    rid, created, parsed = new_id("chatcmpl"), int(time.time()), job.parsed
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": server.served_model, "choices": [{
+                        "index": index, "delta": delta, "logprobs": logprobs,
+                        "finish_reason": finish}]})
+
+    async with stack:
+        try:
+            for k in range(len(job.choices)):
+                yield chunk(k, {"role": "assistant", "content": ""})
+            while not all(c.finished for c in job.choices):
+                k, event = await next_item(handle, request)
+                choice = job.choices[k]
+                deltas = choice.add(event)
+                for i, delta in enumerate(deltas):
+                    logprobs = None
+                    if parsed.logprobs is not None and i == 0:
+                        logprobs = {"content": job.token_logprobs(k, job.logprobs_sent[k])}
+                        job.logprobs_sent[k] = len(choice.text.logprobs)
+                    yield chunk(k, delta, logprobs=logprobs)
+                if choice.finished:
+                    logprobs = None
+                    if parsed.logprobs is not None:
+                        logprobs = {"content": job.token_logprobs(k, job.logprobs_sent[k])}
+                    yield chunk(k, {}, choice.finish_reason, logprobs)
+            done[0] = True
+            if parsed.include_usage:
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                           "model": server.served_model, "choices": [],
+                           "usage": usage(job.prompt_tokens(), job.completion_tokens())})
+            yield sse("[DONE]")
+        except ClientGone:
+            return
+        except APIError as err:
+            yield sse(err.body())
+            yield sse("[DONE]")

@@ -1,0 +1,258 @@
+"""The scheduler: one background thread owns the Engine and runs `engine.step()`.
+
+All torch work happens on that thread, off the HTTP event loop. The event loop talks to it
+only through a command inbox (add / cancel / score) and gets results back on per-request
+asyncio queues (`loop.call_soon_threadsafe`), so the Engine is never touched by two threads.
+Between steps the thread takes new commands, which is how new requests join the running
+decode batch (continuous batching).
+
+Admission control: at most `max_batch` generations run (one per cache slot) and at most
+`max_queue` more wait; a request that would exceed that is refused at once with a 429, before
+anything is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv4.engine import Engine, SamplingParams
+from dsv4.server.protocol import APIError
+
+log = logging.getLogger("dsv4.server")
+
+
+@dataclass
+class Handle:
+    """One HTTP request's generations as the event loop sees them: items arrive on `queue` as
+    (choice index, Event), ("score", index, result) or ("error", None, APIError)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: int = 0
+    cancelled: bool = False
+    checked_at: float = field(default_factory=time.monotonic)  # last client-disconnect check
+
+    def deliver(self, item: tuple) -> None:
+        """Called from the scheduler thread."""
+        deliver_all([(self, item)])
+
+
+def deliver_all(deliveries: list[tuple[Handle, tuple]]) -> None:
+    """Hand items to their handles' queues with one wake-up of each event loop (not one per
+    item: a step of a 32-request batch would otherwise wake the HTTP thread 32 times, and
+    every wake-up contends for the GIL with the next step)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Handle, tuple]]] = {}
+    for handle, item in deliveries:
+        by_loop.setdefault(handle.loop, []).append((handle, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+            pass
+
+
+def _put_all(items: list[tuple[Handle, tuple]]) -> None:
+    for handle, item in items:
+        handle.queue.put_nowait(item)
+
+
+@dataclass
+class Job:
+    kind: str  # "add", "cancel" or "score"
+    handle: Handle
+    prompts: list[list[int]] = field(default_factory=list)
+    params: list[SamplingParams] = field(default_factory=list)
+    top: int = 0  # score: alternatives per position
+
+
+class Scheduler:
+    """Runs the engine loop on its own thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.in_flight = 0  # generations accepted and not finished (running + waiting)
+        self.owners: dict[int, tuple[Handle, int]] = {}  # engine request id -> (handle, choice)
+        self.handle_ids = itertools.count()
+        self.stopping = False
+        self.failures = 0
+        self.cancelled = 0  # generations stopped because their client left
+        self.steps, self.step_seconds = 0, 0.0  # engine steps run and the time they took
+        self.thread = threading.Thread(target=self._run, name="dsv4-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    # -- called from the event loop ---------------------------------------------------------
+    def new_handle(self) -> Handle:
+        return Handle(asyncio.get_running_loop(), id=next(self.handle_ids))
+
+    def submit(self, handle: Handle, prompts: list[list[int]], params: list[SamplingParams]
+               ) -> None:
+        """Queue generations (one per choice) or refuse them all with a 429."""
+        limit = self.engine.cache.slots + self.max_queue
+        with self.lock:
+            if self.in_flight + len(prompts) > limit:
+                raise APIError(429, f"the server is full: {self.in_flight} generations running "
+                               f"or queued (limit {limit} = {self.engine.cache.slots} cache slots "
+                               f"+ a queue of {self.max_queue}); retry later",
+                               code="queue_full", type="rate_limit_error")
+            self.in_flight += len(prompts)
+        self._send(Job("add", handle, prompts, params))
+
+    def score(self, handle: Handle, prompt: list[int], top: int) -> None:
+        """Ask for the log-probabilities of every prompt token (delivered as "score")."""
+        self._send(Job("score", handle, [prompt], top=top))
+
+    def cancel(self, handle: Handle) -> None:
+        """The client left: stop its generations and free their cache slots."""
+        handle.cancelled = True
+        self._send(Job("cancel", handle))
+
+    def stats(self) -> dict:
+        engine = self.engine
+        cache = engine.cache
+        lengths = cache.lengths.tolist()
+        running = len(engine.running)
+        return {
+            "running": running,
+            "waiting": max(0, self.in_flight - running),
+            "max_batch": cache.slots,
+            "max_queue": self.max_queue,
+            "capacity_per_request": cache.capacity,
+            "cache_tokens_used": sum(lengths),
+            "cache_tokens_total": cache.slots * cache.capacity,
+            "cache_bytes_used": sum(cache.used_bytes(slot) for slot, n in enumerate(lengths)
+                                    if n > 0),
+            "cache_bytes_total": cache.bytes_by_kind()["total"],
+            "cancelled": self.cancelled,
+            "engine_steps": self.steps,
+            "engine_step_seconds": round(self.step_seconds, 6),
+            "engine_failures": self.failures,
+        }
+
+    def _send(self, job: Job) -> None:
+        self.inbox.put(job)
+        self.wake.set()
+
+    # -- the scheduler thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.clear()  # before draining: a job sent after this sets it again
+            self._drain_inbox()
+            if self.engine.has_work():
+                self._step()
+            else:
+                self.wake.wait(timeout=1.0)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                getattr(self, f"_do_{job.kind}")(job)
+            except Exception as err:  # noqa: BLE001 — a bad job must not stop the server
+                log.error("scheduler job %s failed:\n%s", job.kind, traceback.format_exc())
+                job.handle.deliver(("error", None, APIError(500, f"internal error: {err}",
+                                                            type="server_error")))
+
+    def _do_add(self, job: Job) -> None:
+        if job.handle.cancelled:  # the client left before its request got here
+            self._finished(len(job.prompts))
+            return
+        for choice, (prompt, params) in enumerate(zip(job.prompts, job.params)):
+            try:
+                rid = self.engine.add_request(prompt, params)
+            except ValueError as err:  # validated before; a last line of defence
+                self._finished(1)
+                job.handle.deliver(("error", None, APIError(400, str(err))))
+                continue
+            self.owners[rid] = (job.handle, choice)
+
+    def _do_cancel(self, job: Job) -> None:
+        for rid, (handle, _) in list(self.owners.items()):
+            if handle is job.handle:
+                self.cancelled += self.engine.cancel(rid)
+                del self.owners[rid]
+                self._finished(1)
+
+    def _do_score(self, job: Job) -> None:
+        if not job.handle.cancelled:
+            job.handle.deliver(("score", 0, prompt_logprobs(self.engine, job.prompts[0],
+                                                            job.top)))
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            events = self.engine.step()
+        except Exception as err:  # noqa: BLE001 — fail the batch, keep serving
+            self.failures += 1
+            log.error("engine step failed:\n%s", traceback.format_exc())
+            self._fail_everything(err)
+            return
+        finally:
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - start
+        deliveries = []
+        for event in events:
+            owner = self.owners.get(event.request_id)
+            if owner is None:
+                continue
+            handle, choice = owner
+            deliveries.append((handle, (choice, event)))
+            if event.finished:
+                del self.owners[event.request_id]
+                self._finished(1)
+        deliver_all(deliveries)
+
+    def _fail_everything(self, err: Exception) -> None:
+        """After a failed step the batch's state is unknown: end every request with a 500."""
+        for rid, (handle, _) in list(self.owners.items()):
+            self.engine.cancel(rid)
+            handle.deliver(("error", None, APIError(500, f"internal error while generating: "
+                                                    f"{err}", type="server_error")))
+        self._finished(len(self.owners))
+        self.owners.clear()
+
+    def _finished(self, count: int) -> None:
+        with self.lock:
+            self.in_flight -= count
+
+
+@torch.inference_mode()
+def prompt_logprobs(engine: Engine, prompt: list[int], top: int
+                    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """For each prompt token, its log-probability given the tokens before it and the `top` most
+    likely alternatives there (None for the first token, which has no context). One full
+    forward of the network, outside the cache: a scoring pass for log-likelihood evaluation."""
+    model = engine.model
+    ids = torch.tensor([prompt], device=engine.device)
+    logprobs = model(ids)[0, :-1].float().log_softmax(-1)  # [S-1, V]: predicts tokens 1..S-1
+    targets = ids[0, 1:]
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    best = logprobs.topk(top, dim=-1) if top else None
+    out: list = [None]
+    for i, value in enumerate(chosen):
+        alternatives = (list(zip(best.indices[i].tolist(), best.values[i].tolist()))
+                        if best is not None else [])
+        out.append((value, alternatives))
+    return out
