@@ -71,6 +71,7 @@ class LocalBackend:
         self.batch = batch
         self.prefill_chunk = prefill_chunk
         self._engine = None
+        self._scratch = None
         self._score_cache = None
         self.device = next(model.parameters()).device
 
@@ -151,6 +152,14 @@ class LocalBackend:
         return [self.continuation_logprobs(c, conts) for c, conts in requests]
 
     # -- generation ------------------------------------------------------------------------
+    def scratch_cache(self, capacity: int):
+        """A one-slot KVCache for scoring a sequence, grown when a longer one comes."""
+        from dsv4.cache import KVCache
+
+        if self._scratch is None or self._scratch.capacity < capacity:
+            self._scratch = KVCache(self.model, 1, capacity)
+        return self._scratch
+
     def engine(self):
         from dsv4.engine import Engine
 

@@ -315,7 +315,7 @@ def run_item_local(backend, item: NeedleItem, prompt: NeedlePrompt, chat: bool,
         raise EvalError(f"needle prompt {item.key}: {len(ids)} tokens + --max-tokens "
                         f"{max_tokens} exceed the model's max_seq_len "
                         f"{backend.model.cfg.max_seq_len}")
-    cache = _niah_cache(backend, len(ids) + max_tokens)
+    cache = backend.scratch_cache(len(ids) + max_tokens)
     logits, recorder = prefill_recording(backend.model, cache, ids, backend.prefill_chunk)
     out = greedy_continue(backend.model, cache, logits, max_tokens, backend.model.cfg.eos_token_id)
     text = decode_known(tok, out)
@@ -327,16 +327,6 @@ def run_item_local(backend, item: NeedleItem, prompt: NeedlePrompt, chat: bool,
     return {"prompt_tokens": len(ids), "output": text, "correct": first_number(text) == item.answer,
             "needle_tokens": [positions.start, positions.stop],
             "indexer": indexer_report(recorder, cfg.compress_ratios, positions, cfg.window_size)}
-
-
-def _niah_cache(backend, capacity: int):
-    from dsv4.cache import KVCache
-
-    cache = getattr(backend, "_niah_cache", None)
-    if cache is None or cache.capacity < capacity:
-        cache = KVCache(backend.model, 1, capacity)
-        backend._niah_cache = cache
-    return cache
 
 
 def run_items_endpoint(backend, items: list[NeedleItem], prompts: list[NeedlePrompt],

@@ -115,7 +115,7 @@ def score_document_local(backend, doc: TextDocument, context: int, stride: int,
                          on_tokens=None) -> dict:
     ids = backend.prompt_ids(doc.text)
     pairs = token_logprobs(backend.model, ids, context, stride, backend.prefill_chunk,
-                           cache=_ppl_cache(backend, min(context, len(ids))), on_tokens=on_tokens)
+                           cache=backend.scratch_cache(min(context, len(ids))), on_tokens=on_tokens)
     buckets: dict[str, list[float]] = {}
     for seen, lp in pairs:
         b = buckets.setdefault(str(position_bucket(seen)), [0.0, 0])
@@ -124,17 +124,6 @@ def score_document_local(backend, doc: TextDocument, context: int, stride: int,
     return {"key": doc.key, "source": doc.source, "nats": -sum(lp for _, lp in pairs),
             "tokens": len(pairs), "bytes": len(doc.text.encode()),
             "loss_by_context": buckets}
-
-
-def _ppl_cache(backend, capacity: int):
-    """One cache for all documents, grown when a longer one comes."""
-    from dsv4.cache import KVCache
-
-    cache = getattr(backend, "_ppl_cache", None)
-    if cache is None or cache.capacity < capacity:
-        cache = KVCache(backend.model, 1, capacity)
-        backend._ppl_cache = cache
-    return cache
 
 
 def split_lines(text: str, max_tokens: int, count_tokens) -> list[str]:
