@@ -457,6 +457,8 @@ def window_attention_blocks(
     doc_ids [B, S]: additionally only keys of the query's own document.
     """
     batch, length, heads, dim = q.shape
+    if length <= window:
+        return _causal_attention_block(q, kv, doc_ids)
     n_blocks = -(-length // window)
     pad = n_blocks * window - length
     q_blocks = F.pad(q, (0, 0, 0, 0, 0, pad)).view(batch, n_blocks, window, heads, dim)
@@ -475,6 +477,20 @@ def window_attention_blocks(
         mask = mask & (query_doc.unsqueeze(-1) == key_doc.unsqueeze(-2))
     scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
     return scores, keys
+
+
+def _causal_attention_block(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, ...]:
+    """`window_attention_blocks` for a sequence no longer than the window: one block of S
+    queries over its own S keys, causal (short RL and distillation samples would otherwise pay
+    for a padded block of `window` queries against 2 * `window` keys)."""
+    length = q.shape[1]
+    scores = torch.einsum("bqhd,bkd->bhqk", q, kv).unsqueeze(1)  # [B, 1, H, S, S]
+    position = torch.arange(length, device=q.device)
+    mask = (position.view(1, -1) <= position.view(-1, 1)).view(1, 1, length, length)
+    if doc_ids is not None:
+        mask = mask & (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)).unsqueeze(1)
+    return scores.masked_fill(~mask.unsqueeze(2), float("-inf")), kv.unsqueeze(1)
 
 
 def sparse_attention(
@@ -500,26 +516,26 @@ def sparse_attention(
     kv = kv.to(q.dtype)  # under autocast the compressor's fp32 entries meet bf16 queries
     entries = entries.to(q.dtype) if entries is not None else None
     scores, keys = window_attention_blocks(q, kv, window, doc_ids)  # [B, nb, H, W, 2W]
-    n_blocks = scores.shape[1]
+    n_blocks, block, n_keys = scores.shape[1], scores.shape[3], scores.shape[4]
     parts = [scores.float()]
     if entries is not None and entries.shape[1] > 0:
-        pad = n_blocks * window - length
-        q_blocks = F.pad(q, (0, 0, 0, 0, 0, pad)).view(batch, n_blocks, window, heads, dim)
+        pad = n_blocks * block - length
+        q_blocks = F.pad(q, (0, 0, 0, 0, 0, pad)).view(batch, n_blocks, block, heads, dim)
         entry_scores = torch.einsum("bnqhd,bcd->bnhqc", q_blocks, entries).float()
-        allowed = F.pad(entry_mask, (0, 0, 0, pad)).view(batch, n_blocks, 1, window, -1)
+        allowed = F.pad(entry_mask, (0, 0, 0, pad)).view(batch, n_blocks, 1, block, -1)
         parts.append(entry_scores.masked_fill(~allowed, float("-inf")))
-    sink_logits = sink.float().view(1, 1, heads, 1, 1).expand(batch, n_blocks, heads, window, 1)
+    sink_logits = sink.float().view(1, 1, heads, 1, 1).expand(batch, n_blocks, heads, block, 1)
     probs32 = torch.cat(parts + [sink_logits], dim=-1).softmax(dim=-1)
     probs = probs32.to(q.dtype)
-    out = torch.einsum("bnhqk,bnkd->bnqhd", probs[..., : 2 * window], keys)
+    out = torch.einsum("bnhqk,bnkd->bnqhd", probs[..., :n_keys], keys)
     if len(parts) > 1:
-        out = out + torch.einsum("bnhqc,bcd->bnqhd", probs[..., 2 * window : -1], entries)
-    out = out.reshape(batch, n_blocks * window, heads, dim)[:, :length]
+        out = out + torch.einsum("bnhqc,bcd->bnqhd", probs[..., n_keys:-1], entries)
+    out = out.reshape(batch, n_blocks * block, heads, dim)[:, :length]
     if not return_entry_probs:
         return out
     n_entries = entries.shape[1] if entries is not None else 0
-    entry_probs = probs32[..., 2 * window : 2 * window + n_entries].detach()  # [B,nb,H,W,C]
-    entry_probs = entry_probs.transpose(2, 3).reshape(batch, n_blocks * window, heads, -1)
+    entry_probs = probs32[..., n_keys:n_keys + n_entries].detach()  # [B, nb, H, W, C]
+    entry_probs = entry_probs.transpose(2, 3).reshape(batch, n_blocks * block, heads, -1)
     return out, entry_probs[:, :length]
 
 

@@ -90,15 +90,16 @@ def test_document_positions_restart_at_each_boundary() -> None:
     ]
 
 
-def test_window_attention_never_crosses_documents() -> None:
+@pytest.mark.parametrize("window", [16, 64])  # blocked; the whole sequence in one block
+def test_window_attention_never_crosses_documents(window: int) -> None:
     """The core attention with doc ids equals running each document separately."""
     gen = torch.Generator().manual_seed(0)
     q, kv = torch.randn(1, 40, 2, 8, generator=gen), torch.randn(1, 40, 8, generator=gen)
     sink = torch.randn(2, generator=gen)
     doc_ids = torch.tensor([[0] * 13 + [1] * 27])
-    out = sparse_attention(q, kv, sink, 16, doc_ids=doc_ids)
-    first = sparse_attention(q[:, :13], kv[:, :13], sink, 16)
-    second = sparse_attention(q[:, 13:], kv[:, 13:], sink, 16)
+    out = sparse_attention(q, kv, sink, window, doc_ids=doc_ids)
+    first = sparse_attention(q[:, :13], kv[:, :13], sink, window)
+    second = sparse_attention(q[:, 13:], kv[:, 13:], sink, window)
     torch.testing.assert_close(out, torch.cat((first, second), dim=1), atol=1e-6, rtol=1e-6)
 
 

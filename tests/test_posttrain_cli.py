@@ -49,7 +49,9 @@ def test_posttrain_end_to_end_and_resume(tiny_run, tmp_path, capsys) -> None:
     assert student.cfg.vocab_size == byte_tokenizer().vocab_size
     grpo_metrics = [json.loads(line) for line in
                     (out / "specialist-sum" / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward", "kl", "clip_fraction", "loss"} <= set(grpo_metrics[0])
+    for row in grpo_metrics:  # steps without a group of mixed rewards train nothing
+        trained = {"kl", "clip_fraction", "loss"} if row["trained_sequences"] else set()
+        assert {"reward", "mixed_groups"} | trained <= set(row)
     capsys.readouterr()
     assert main(args) == 0  # a rerun skips every finished stage
     printed = capsys.readouterr().out
@@ -101,3 +103,33 @@ def test_teacher_option_format(tiny_run, tmp_path, capsys) -> None:
               "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "expected DOMAIN=RUN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reward", ["mixed", "constant"])
+def test_grpo_trains_only_groups_with_mixed_rewards(tiny_run, tmp_path, reward) -> None:
+    """Groups whose samples all score the same carry no advantage: GRPO skips them, and a
+    step with none of the other kind leaves the policy untouched."""
+    import torch
+
+    from dsv4.posttrain.common import load_model_and_tokenizer
+    from dsv4.posttrain.grpo import GRPOConfig, run_grpo
+    from dsv4.posttrain.tasks import FunctionDomain, Problem
+
+    def check(problem: Problem, response: str) -> bool:  # ~half the random samples pass
+        return reward == "mixed" and len(response.encode()) % 2 == 0
+
+    domain = FunctionDomain("parity", lambda rng: Problem(f"n {rng.randint(0, 10**6)}", ""),
+                            check)
+    model, tokenizer = load_model_and_tokenizer(tiny_run)
+    reference, _ = load_model_and_tokenizer(tiny_run)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_tokens=6, lr=1e-3,
+                     progress=False)
+    run_grpo(model, reference, tokenizer, domain, cfg, out=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["trained_sequences"] for row in rows] == [
+        round(row["mixed_groups"] * cfg.prompts_per_step) * cfg.group_size for row in rows]
+    trained = sum(row["trained_sequences"] for row in rows)
+    assert (trained > 0) == (reward == "mixed")
+    changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert changed == (trained > 0)

@@ -204,7 +204,7 @@ def _add_grpo(subparsers: Any) -> None:
     parser.add_argument("--group-size", type=positive_int, metavar="G",
                         help="samples per prompt (default 8)")
     parser.add_argument("--prompts-per-step", type=positive_int, metavar="Q",
-                        help="prompts per step (default 16)")
+                        help="prompts per step (default 128)")
     parser.add_argument("--temperature", type=_positive_float, help="rollout temperature "
                         "(default 0.7)")
     parser.add_argument("--top-k", type=int, help="rollout top-k, 0 = off (default 0)")
@@ -342,7 +342,7 @@ def _add_posttrain(subparsers: Any) -> None:
     parser.add_argument("--specialist-sft-steps", type=positive_int, metavar="N",
                         help="per-domain SFT steps (default 60)")
     parser.add_argument("--grpo-steps", type=positive_int, metavar="N",
-                        help="GRPO steps per specialist (default 60)")
+                        help="GRPO steps per specialist (default 20)")
     parser.add_argument("--distill-steps", type=positive_int, metavar="N",
                         help="distillation steps (default 120)")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
@@ -350,13 +350,13 @@ def _add_posttrain(subparsers: Any) -> None:
     parser.add_argument("--group-size", type=positive_int, metavar="G",
                         help="GRPO samples per prompt (default 8)")
     parser.add_argument("--prompts-per-step", type=positive_int, metavar="Q",
-                        help="GRPO prompts per step (default 16)")
+                        help="GRPO prompts per step (default 128)")
     parser.add_argument("--prompts-per-domain", type=positive_int, metavar="N",
                         help="distillation samples per domain per step (default 32)")
     parser.add_argument("--sft-problems", type=positive_int, metavar="N",
                         help="SFT training problems per domain (default 2000)")
     parser.add_argument("--eval-size", type=positive_int, metavar="N",
-                        help="held-out problems per domain (default 200)")
+                        help="held-out problems per domain (default 500)")
     _common(parser)
     parser.set_defaults(run=cmd_posttrain)
 

@@ -148,7 +148,7 @@ class Rollout:
 
 
 def sample_rollouts(model: Transformer, prompts: Sequence[Sequence[int]], params,
-                    max_batch: int = 64, seed: int = 0) -> list[Rollout]:
+                    max_batch: int = 128, seed: int = 0) -> list[Rollout]:
     """Sample one completion per prompt with the engine in record mode (log-probs, kept
     sets, routing)."""
     from dsv4.engine import Engine

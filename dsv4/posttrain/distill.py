@@ -123,7 +123,7 @@ def run_distill(student, teachers: dict[str, Any], tokenizer, domains: dict[str,
                                    (step + 1) * cfg.prompts_per_domain]
             prompts = [prompt_ids(tokenizer, p.prompt, cfg.thinking) for p in chunk]
             student.eval()
-            rollouts = sample_rollouts(student, prompts, params, max_batch=64,
+            rollouts = sample_rollouts(student, prompts, params,
                                        seed=cfg.seed * 100_003 + step * len(names) + index)
             batch = rollout_batch(rollouts, student.cfg.vocab_size, pad_id).to(device)
             student.train()

@@ -269,7 +269,7 @@ def domain_accuracy(model, tokenizer, domain: Domain, problems: list[Problem], *
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_tokens: int = 24,
-                       batch: int = 64, thinking: bool = False) -> list[str]:
+                       batch: int = 128, thinking: bool = False) -> list[str]:
     """Greedy assistant responses (content text) to user prompts."""
     import torch
 
