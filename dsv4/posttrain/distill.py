@@ -47,7 +47,7 @@ class DistillConfig:
     adam_eps: float = 1e-8  # see GRPOConfig
     warmup_steps: int = 3
     clip: float = 1.0
-    bf16: bool = True  # bf16 autocast for the student/teacher forwards
+    bf16: bool = False  # bf16 autocast for the forwards (at nano size on CPU fp32 is faster)
     weighting: str = "kl"  # w_i per domain: "kl" (share of the current KL) or "equal"
     thinking: bool = False
     seed: int = 0
@@ -118,15 +118,15 @@ def run_distill(student, teachers: dict[str, Any], tokenizer, domains: dict[str,
         set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps))
         row: dict[str, Any] = dict(step=step + 1)
         losses = {}
+        window = slice(step * cfg.prompts_per_domain, (step + 1) * cfg.prompts_per_domain)
+        prompts = [prompt_ids(tokenizer, p.prompt, cfg.thinking)
+                   for name in names for p in problems[name][window]]
+        student.eval()  # every domain's samples in one engine batch: decode steps are shared
+        rollouts = sample_rollouts(student, prompts, params, seed=cfg.seed * 100_003 + step)
+        student.train()
         for index, name in enumerate(names):
-            chunk = problems[name][step * cfg.prompts_per_domain:
-                                   (step + 1) * cfg.prompts_per_domain]
-            prompts = [prompt_ids(tokenizer, p.prompt, cfg.thinking) for p in chunk]
-            student.eval()
-            rollouts = sample_rollouts(student, prompts, params,
-                                       seed=cfg.seed * 100_003 + step * len(names) + index)
-            batch = rollout_batch(rollouts, student.cfg.vocab_size, pad_id).to(device)
-            student.train()
+            own = rollouts[index * cfg.prompts_per_domain:(index + 1) * cfg.prompts_per_domain]
+            batch = rollout_batch(own, student.cfg.vocab_size, pad_id).to(device)
             with torch.no_grad(), autocast(cfg.bf16, device):
                 teacher_logits = teachers[name](batch.input_ids)
             with autocast(cfg.bf16, device), student.routing_replay(batch.routing):

@@ -199,6 +199,8 @@ def evaluate_stage(run: Path, domains: dict, which: list[str], cfg: PosttrainCon
         model, tokenizer = load_model_and_tokenizer(run)
         for name in missing:
             domain = domains[name]
+            if cfg.progress:
+                print(f"eval {run.name} on {name} ({cfg.eval_size} problems)", flush=True)
             cache[key(name)] = domain_accuracy(model, tokenizer, domain,
                                                domain.eval_set(cfg.eval_size),
                                                max_tokens=cfg.eval_max_tokens)
