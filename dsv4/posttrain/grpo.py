@@ -176,7 +176,8 @@ def run_grpo(model, reference, tokenizer, domain, cfg: GRPOConfig,
         # A group whose samples all scored the same has zero advantage: it only adds to the KL
         # term, so train on the groups that carry signal (DAPO's dynamic sampling, minus the
         # re-sampling); a step without any is skipped.
-        informative = (rewards.std(-1) > 0).repeat_interleave(cfg.group_size)
+        mixed = rewards.std(-1) > 0
+        informative = mixed.repeat_interleave(cfg.group_size)
         order = [i for i in range(len(rollouts)) if informative[i]]
         rng.shuffle(order)
         model.train()
@@ -200,7 +201,7 @@ def run_grpo(model, reference, tokenizer, domain, cfg: GRPOConfig,
             for key, value in dict(loss=float(loss.detach()), **stats).items():
                 totals[key] = totals.get(key, 0.0) + value / minibatches
         row = dict(step=step + 1, reward=float(rewards.mean()),
-                   mixed_groups=float((rewards.std(-1) > 0).float().mean()),
+                   mixed_groups=float(mixed.float().mean()),
                    completion_tokens=sum(len(r.completion) for r in rollouts) / len(rollouts),
                    trained_sequences=len(order), lr=optimizer.param_groups[0]["lr"], **totals)
         log.add(row)
