@@ -257,13 +257,16 @@ def attention_step(attn: Attention, cache: LayerCache, x: torch.Tensor, position
 
 
 def recent_rows(ring: Ring, slots, positions, new_rows, window: int):
-    """The `window` rows before the chunk (from the ring) followed by the chunk's rows.
+    """The rows before the chunk that its window reaches (from the ring) followed by the
+    chunk's rows.
 
-    Returns (keys [B, window + T, D], valid [B, window + T]); key j holds position
-    start - window + j, invalid when negative.
+    Returns (keys [B, L + T, D], valid [B, L + T]) with L = min(window, longest slot): key j
+    holds position start - L + j, invalid when negative (short sequences skip the rows that
+    would all be invalid).
     """
     start = positions[:, :1]
-    before = start - window + torch.arange(window, device=positions.device)  # [B, W]
+    lead = min(window, int(start.max()))
+    before = start - lead + torch.arange(lead, device=positions.device)  # [B, L]
     old = ring.read(slots, before.clamp(min=0)).to(new_rows.dtype)
     valid = torch.cat((before >= 0, torch.ones_like(positions, dtype=torch.bool)), dim=1)
     return torch.cat((old, new_rows), dim=1), valid
@@ -337,23 +340,27 @@ def attend(q, keys, valid, sink, window: int, selection: Selection | None) -> to
     """Window keys + selected compressed entries + sink in one fp32 softmax, a block of
     `window` queries at a time (each block sees 2*window keys at most).
 
-    q: [B, T, H, D] scaled; keys: [B, window + T, D]; valid [B, window + T].
+    q: [B, T, H, D] scaled; keys: [B, L + T, D] and valid [B, L + T] from `recent_rows`
+    (L <= window rows before the chunk).
     """
     length = q.shape[1]
+    lead = keys.shape[1] - length
     outs = []
     for s in range(0, length, window):
         e = min(s + window, length)
-        outs.append(attend_block(q[:, s:e], keys[:, s : e + window], valid[:, s : e + window],
-                                 sink, window, selection, s, e))
+        first = s + lead - window  # the key of position (query s) - window, if it were kept
+        lo = max(0, first)
+        outs.append(attend_block(q[:, s:e], keys[:, lo : e + lead], valid[:, lo : e + lead],
+                                 sink, window, selection, s, e, skipped=lo - first))
     return torch.cat(outs, dim=1)
 
 
-def attend_block(q, keys, valid, sink, window, selection, s, e):
-    """Queries s..e-1 of the chunk; keys hold positions from (query s) - window on."""
+def attend_block(q, keys, valid, sink, window, selection, s, e, skipped=0):
+    """Queries s..e-1 of the chunk; keys hold positions from (query s) - window + skipped on."""
     batch, n, heads, _ = q.shape
     keys = keys.to(q.dtype)
     i = torch.arange(n, device=q.device).view(n, 1)
-    j = torch.arange(keys.shape[1], device=q.device).view(1, -1)
+    j = skipped + torch.arange(keys.shape[1], device=q.device).view(1, -1)
     in_window = (j > i) & (j <= i + window)  # [n, K]
     allowed = in_window.unsqueeze(0) & valid.unsqueeze(1)  # [B, n, K]
     scores = torch.einsum("bqhd,bkd->bhqk", q, keys).float()

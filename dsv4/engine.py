@@ -16,6 +16,7 @@ needs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import deque
@@ -203,6 +204,9 @@ class Request:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     routing: list[torch.Tensor] = field(default_factory=list)  # record mode: [layers, T, k]
+    # add_samples: the leader feeds the shared prompt; its followers copy its cache slot.
+    followers: list[Request] = field(default_factory=list)
+    leader: Request | None = None
 
 
 @dataclass
@@ -310,23 +314,63 @@ class Engine:
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt; returns its request id. Validates everything first."""
+        request = self.new_request(prompt, params)
+        self.waiting.append(request)
+        return request.id
+
+    def add_samples(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                    n: int = 1) -> list[int]:
+        """Queue `n` independent samples of one prompt; returns their request ids. The prompt
+        is fed once: the samples are admitted together and copy its cache slot when its last
+        chunk is in, then each draws its own tokens (with `params.seed`, sample i seeds
+        `params.seed + i`)."""
+        if not _is_int(n) or not 1 <= n <= self.cache.slots:
+            raise ValueError(f"n={n!r}: must be an integer between 1 and max_batch "
+                             f"({self.cache.slots}), the samples run side by side")
+        if self.use_mtp and n > 1:
+            raise ValueError("add_samples with n > 1 needs plain decoding (the MTP drafts "
+                             "keep per-request state)")
+        params = params or SamplingParams()
+        samples = [self.new_request(prompt, params if params.seed is None else
+                                    dataclasses.replace(params, seed=params.seed + i))
+                   for i in range(n)]
+        self.link(samples[0], samples[1:])
+        self.waiting.append(samples[0])
+        return [r.id for r in samples]
+
+    def new_request(self, prompt: Sequence[int], params: SamplingParams | None) -> Request:
         params = self.check_params(params or SamplingParams())
         prompt = self.check_prompt(prompt)
         seed = params.seed if params.seed is not None else int(
             torch.randint(0, 2**62, (1,), generator=self.seeds))
-        request = Request(next(self.ids), prompt, params, torch.Generator().manual_seed(seed))
-        self.waiting.append(request)
-        return request.id
+        return Request(next(self.ids), prompt, params, torch.Generator().manual_seed(seed))
+
+    @staticmethod
+    def link(leader: Request, followers: list[Request]) -> None:
+        leader.leader, leader.followers = None, followers
+        for follower in followers:
+            follower.leader, follower.followers = leader, []
 
     def cancel(self, request_id: int) -> bool:
         """Stop a request and free its cache slot; False if it is unknown or already done."""
-        for request in self.waiting:
+        for i, request in enumerate(self.waiting):
             if request.id == request_id:
-                self.waiting.remove(request)
+                del self.waiting[i]
+                if request.followers:  # the first follower takes its place in the queue
+                    self.waiting.insert(i, request.followers[0])
+                    self.link(request.followers[0], request.followers[1:])
                 return True
+            for follower in request.followers:
+                if follower.id == request_id:
+                    request.followers.remove(follower)
+                    return True
         request = self.running.get(request_id)
         if request is None:
             return False
+        if request.leader is not None:  # admitted, waiting for its leader's prompt
+            request.leader.followers.remove(request)
+        elif request.followers and request.fed < len(request.prompt):
+            self.link(request.followers[0], request.followers[1:])  # feeds the prompt itself
         self.finish(request, "cancelled")
         return True
 
@@ -338,9 +382,10 @@ class Engine:
         """Admit what fits, run one prefill round, then decode one token (or verify one draft)
         for every request whose prompt is in."""
         events: list[Event] = []
-        while self.waiting and self.free_slots:
+        while self.waiting and len(self.free_slots) > len(self.waiting[0].followers):
             self.admit(self.waiting.popleft())
-        prefilling = [r for r in self.running.values() if r.fed < len(r.prompt)]
+        prefilling = [r for r in self.running.values()
+                      if r.fed < len(r.prompt) and r.leader is None]
         if prefilling:
             events += self.prefill_round(prefilling)
         decoding = [r for r in self.running.values()
@@ -350,9 +395,10 @@ class Engine:
         return events
 
     def admit(self, request: Request) -> None:
-        request.slot = self.free_slots.pop(0)
-        self.cache.reset(request.slot)
-        self.running[request.id] = request
+        for admitted in (request, *request.followers):
+            admitted.slot = self.free_slots.pop(0)
+            self.cache.reset(admitted.slot)
+            self.running[admitted.id] = admitted
 
     def prefill_round(self, requests: list[Request]) -> list[Event]:
         """The next chunk of every prompt still being fed, in one [B, n] forward. All rows must
@@ -374,9 +420,19 @@ class Engine:
             request.fed += n
             if request.fed == len(request.prompt):
                 last = logits[i, -1]
-                events += self.emit(request, [sample(last, request.params, request.generator)],
-                                    last)
+                for sampler in (request, *self.fork(request)):
+                    events += self.emit(sampler, [sample(last, sampler.params,
+                                                         sampler.generator)], last)
         return events
+
+    def fork(self, leader: Request) -> list[Request]:
+        """Give the leader's followers its fed prompt (cache slot and recorded routing)."""
+        followers, leader.followers = leader.followers, []
+        for follower in followers:
+            self.cache.copy_slot(leader.slot, follower.slot)
+            follower.fed, follower.leader = leader.fed, None
+            follower.routing = list(leader.routing)
+        return followers
 
     def mtp_catch_up(self, request: Request, slots, streams, ids) -> None:
         """Run MTP over prompt positions whose next token is now known (it lags one token)."""
@@ -519,7 +575,7 @@ class Engine:
         self.cache.reset(request.slot)
         self.free_slots.append(request.slot)
         self.free_slots.sort()
-        if self.record:
+        if self.record and request.routing:  # (a request cancelled before its prefill has none)
             info["routing"] = torch.cat(request.routing, dim=1)
         return Event(request.id, None, finished=True, finish_reason=reason, **info)
 
@@ -563,7 +619,8 @@ class Engine:
         return [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
 
     def is_waiting(self, request_id: int) -> bool:
-        return any(r.id == request_id for r in self.waiting)
+        return any(r.id == request_id or any(f.id == request_id for f in r.followers)
+                   for r in self.waiting)
 
 
 

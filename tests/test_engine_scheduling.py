@@ -126,3 +126,72 @@ def test_bad_logprobs_name_the_parameter(model, logprobs, message) -> None:
 
 def tiny_model_with_mtp() -> Transformer:
     return randomize(Transformer(tiny_config(n_mtp_layers=1)), seed=0).eval()
+
+
+# ---- several samples of one prompt (add_samples): one prefill, copied cache slots ----------
+SAMPLED = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=11)
+
+
+def test_samples_of_one_prompt_equal_separate_requests(model) -> None:
+    """n samples fed once equal n requests fed separately (sample i seeded seed + i), in
+    tokens, log-probabilities and recorded routing; the prompt goes through the model once."""
+    p = prompt(40, 5)
+    engine = Engine(model, max_batch=4, capacity=64, prefill_chunk=16, record=True)
+    ids = engine.add_samples(p, SAMPLED, n=3)
+    fed = []
+    handle = model.embed.register_forward_pre_hook(lambda m, args: fed.append(args[0].shape))
+    try:
+        events = [e for _ in iter(engine.has_work, False) for e in engine.step()]
+    finally:
+        handle.remove()
+    prefill_tokens = sum(shape[0] * shape[1] for shape in fed if shape[1] > 1)
+    assert prefill_tokens == len(p)  # one batch row per prefill forward: the leader's
+    tokens = {rid: [e.token for e in events if e.request_id == rid and e.token is not None]
+              for rid in ids}
+    assert len({tuple(t) for t in tokens.values()}) > 1  # independent samples
+    for i, rid in enumerate(ids):
+        params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=11 + i)
+        solo = Engine(model, max_batch=1, capacity=64, prefill_chunk=16, record=True)
+        solo.add_request(p, params)
+        expected = [e for _ in iter(solo.has_work, False) for e in solo.step()]
+        got = [e for e in events if e.request_id == rid]
+        assert tokens[rid] == [e.token for e in expected if e.token is not None]
+        torch.testing.assert_close(
+            torch.tensor([e.logprob for e in got if e.logprob is not None]),
+            torch.tensor([e.logprob for e in expected if e.logprob is not None]))
+        assert torch.equal(got[-1].routing, expected[-1].routing)
+
+
+@pytest.mark.parametrize("when", ["queued", "prefilling"])
+def test_cancelling_the_sample_that_feeds_the_prompt(model, when) -> None:
+    """The next sample takes over feeding the prompt; the rest finish as if alone."""
+    p = prompt(40, 6)
+    engine = Engine(model, max_batch=3, capacity=64, prefill_chunk=16)
+    leader, *others = engine.add_samples(p, SAMPLED, n=3)
+    if when == "prefilling":
+        assert not [e for e in engine.step() if e.token is not None]  # 16 of 40 tokens in
+    assert engine.cancel(leader)
+    tokens, _ = run(engine)
+    assert leader not in tokens and set(tokens) == set(others)
+    for i, rid in enumerate(others, start=1):
+        params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=11 + i)
+        assert tokens[rid] == alone(model, p, params)
+
+
+def test_cancelling_a_sample_waiting_for_the_prompt(model) -> None:
+    p = prompt(40, 7)
+    engine = Engine(model, max_batch=3, capacity=64, prefill_chunk=16, record=True)
+    first, second, third = engine.add_samples(p, SAMPLED, n=3)
+    assert engine.is_waiting(third) and engine.cancel(third)
+    engine.step()  # admitted; the prompt is being fed
+    assert engine.cancel(second)
+    tokens, _ = run(engine)
+    assert set(tokens) == {first} and tokens[first] == alone(model, p, SAMPLED)
+    assert not engine.has_work() and len(engine.free_slots) == 3
+
+
+def test_samples_need_room_side_by_side(model) -> None:
+    engine = Engine(model, max_batch=2, capacity=64)
+    for n in (0, 3, 1.5):
+        with pytest.raises(ValueError, match=f"n={n!r}"):
+            engine.add_samples(prompt(4, 8), SAMPLED, n=n)

@@ -39,8 +39,11 @@ def prompts(model) -> list[list[int]]:
     SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=10, seed=1),
     SamplingParams(temperature=1.3, max_tokens=10, seed=2),
 ], ids=["topk-topp-t0.7", "full-vocab-t1.3"])
-def test_trainer_logprobs_equal_the_engines(model, prompts, params) -> None:
-    rollouts = sample_rollouts(model, prompts, params, max_batch=3, seed=4)
+@pytest.mark.parametrize("n", [1, 3], ids=["one-per-prompt", "groups-sharing-prefill"])
+def test_trainer_logprobs_equal_the_engines(model, prompts, params, n) -> None:
+    rollouts = sample_rollouts(model, prompts, params, max_batch=3, seed=4, n=n)
+    assert len(rollouts) == n * len(prompts)
+    assert all(r.prompt == p for r, p in zip(rollouts, (p for p in prompts for _ in range(n))))
     assert {len(r.completion) for r in rollouts} != {1}  # real sequences of various lengths
     batch = rollout_batch(rollouts, model.cfg.vocab_size, pad_id=0)
     if params.top_k:  # the filter really removed tokens, so renormalization matters

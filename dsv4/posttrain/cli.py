@@ -315,7 +315,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def _add_posttrain(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "posttrain", help="the V4 post-training recipe: specialists (SFT, GRPO), then one "
-                          "student by on-policy distillation (~30-40 min CPU at nano)",
+                          "student by on-policy distillation (~30 min on 2 CPU cores at nano)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The paper's two-stage recipe on verifiable domains:\n"
                     "  base = SFT on a mix of all domains\n"
@@ -342,9 +342,9 @@ def _add_posttrain(subparsers: Any) -> None:
     parser.add_argument("--specialist-sft-steps", type=positive_int, metavar="N",
                         help="per-domain SFT steps (default 60)")
     parser.add_argument("--grpo-steps", type=positive_int, metavar="N",
-                        help="GRPO steps per specialist (default 20)")
+                        help="GRPO steps per specialist (default 30)")
     parser.add_argument("--distill-steps", type=positive_int, metavar="N",
-                        help="distillation steps (default 120)")
+                        help="distillation steps (default 250)")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help="SFT conversations per step (default 32)")
     parser.add_argument("--group-size", type=positive_int, metavar="G",
@@ -356,7 +356,7 @@ def _add_posttrain(subparsers: Any) -> None:
     parser.add_argument("--sft-problems", type=positive_int, metavar="N",
                         help="SFT training problems per domain (default 2000)")
     parser.add_argument("--eval-size", type=positive_int, metavar="N",
-                        help="held-out problems per domain (default 500)")
+                        help="held-out problems per domain (default 1000)")
     _common(parser)
     parser.set_defaults(run=cmd_posttrain)
 

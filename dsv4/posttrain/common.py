@@ -148,23 +148,26 @@ class Rollout:
 
 
 def sample_rollouts(model: Transformer, prompts: Sequence[Sequence[int]], params,
-                    max_batch: int = 128, seed: int = 0) -> list[Rollout]:
-    """Sample one completion per prompt with the engine in record mode (log-probs, kept
-    sets, routing)."""
+                    max_batch: int = 1024, seed: int = 0, n: int = 1) -> list[Rollout]:
+    """Sample `n` completions per prompt (prompt-major order; a prompt is fed once for all
+    of them) with the engine in record mode (log-probs, kept sets, routing). RL batches of
+    short sequences decode fastest all at once (one forward per token position), hence the
+    large `max_batch`."""
     from dsv4.engine import Engine
 
     was_training = model.training
     capacity = max(len(p) for p in prompts) + params.max_tokens + 1
-    engine = Engine(model, max_batch=min(max_batch, len(prompts)), capacity=capacity,
-                    record=True, seed=seed)
-    ids = [engine.add_request(list(p), params) for p in prompts]
+    engine = Engine(model, max_batch=max(n, min(max_batch, n * len(prompts))),
+                    capacity=capacity, record=True, seed=seed)
+    ids = [rid for p in prompts for rid in engine.add_samples(list(p), params, n)]
     events: dict[int, list] = {rid: [] for rid in ids}
     with torch.no_grad():
         while engine.has_work():
             for event in engine.step():
                 events[event.request_id].append(event)
     model.train(was_training)
-    return [_rollout(list(p), events[rid]) for p, rid in zip(prompts, ids)]
+    return [_rollout(list(p), events[rid])
+            for p, rid in zip((p for p in prompts for _ in range(n)), ids)]
 
 
 def _rollout(prompt: list[int], events: list) -> Rollout:

@@ -38,7 +38,7 @@ from dsv4.posttrain.common import (
 
 @dataclass
 class DistillConfig:
-    steps: int = 120
+    steps: int = 250  # at nano, 150 kept 86% of the sum specialist, 250 91%
     prompts_per_domain: int = 32  # student samples per domain per step
     temperature: float = 1.0  # student sampling temperature; the KL is between the models
     max_tokens: int = 24

@@ -55,7 +55,7 @@ class PosttrainConfig:
     specialist_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=60, lr=5e-4))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    eval_size: int = 500
+    eval_size: int = 1000
     eval_max_tokens: int = 24
     threads: int | None = None
     seed: int = 0

@@ -257,7 +257,7 @@ def response_text(tokenizer, tokens: list[int], thinking: bool = False) -> str:
 
 
 def domain_accuracy(model, tokenizer, domain: Domain, problems: list[Problem], *,
-                    max_tokens: int = 24, batch: int = 64, thinking: bool = False) -> float:
+                    max_tokens: int = 24, batch: int = 512, thinking: bool = False) -> float:
     """Fraction of `problems` whose greedy answer `domain.check` accepts (chat-encoded, the
     V4 encoding; generated with dsv4.engine.Engine)."""
     if not problems:
@@ -269,7 +269,7 @@ def domain_accuracy(model, tokenizer, domain: Domain, problems: list[Problem], *
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_tokens: int = 24,
-                       batch: int = 128, thinking: bool = False) -> list[str]:
+                       batch: int = 512, thinking: bool = False) -> list[str]:
     """Greedy assistant responses (content text) to user prompts."""
     import torch
 
