@@ -50,8 +50,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.run)
     model.eval()
-    problems = DOMAINS[args.domain].problems(args.prompts, seed=0)
-    prompts = [prompt_ids(tokenizer, p.prompt) for p in problems]
+    domain = DOMAINS[args.domain]
+    problems = domain.problems(args.prompts, seed=0)
+    prompts = [prompt_ids(tokenizer, p.prompt, domain.thinking) for p in problems]
     params = SamplingParams(temperature=0.7, max_tokens=args.max_tokens, ignore_eos=True)
     samples = args.prompts * args.group
 

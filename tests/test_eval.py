@@ -452,7 +452,7 @@ def test_tasks_suite_checks_each_reply_like_domain_accuracy(backend, tmp_path) -
         def check(self, problem, response):
             return response.strip()[:1] == problem.answer
 
-    builtin = sorted(tasks.DOMAINS)[0]
+    builtin = "sum"  # answers short enough for max_tokens=4
     domains = {"echo": Echo(), builtin: tasks.DOMAINS[builtin]}
     opts = EvalOptions(n_problems=6, max_tokens=4)
     r = evaluate(backend, "tasks", tmp_path, opts, domains=domains)
@@ -463,6 +463,22 @@ def test_tasks_suite_checks_each_reply_like_domain_accuracy(backend, tmp_path) -
         assert r["summary"]["by_domain"][name] == pytest.approx(expected)
     with pytest.raises(EvalError, match="unknown domain 'nope'"):
         evaluate(backend, "tasks", tmp_path / "x", EvalOptions(domains="nope"), domains=domains)
+
+
+def test_tasks_suite_asks_a_think_domain_in_think_mode(backend, tmp_path) -> None:
+    from dsv4.posttrain import tasks
+
+    thinker = tasks.FunctionDomain("thinker", lambda rng: tasks.Problem(
+        "".join(rng.choice("abcdef") for _ in range(6)), "a"), thinking=True)
+    evaluate(backend, "tasks", tmp_path, EvalOptions(n_problems=4, max_tokens=4),
+             domains={"thinker": thinker})
+    replies = [json.loads(line)["reply"]
+               for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    prompts = [p.prompt for p in thinker.eval_set(4)]
+    think = tasks.generate_responses(backend.model, backend.tokenizer, prompts, max_tokens=4,
+                                     thinking=True)
+    plain = tasks.generate_responses(backend.model, backend.tokenizer, prompts, max_tokens=4)
+    assert replies == think != plain
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,20 @@ import torch
 from dsv4.chat import encode_chat
 from dsv4.model import Transformer
 from dsv4.posttrain.common import PosttrainError
-from dsv4.posttrain.sft import IGNORE_INDEX, encode_example, load_chat_jsonl
+from dsv4.posttrain.sft import (
+    IGNORE_INDEX,
+    SFTConfig,
+    encode_example,
+    load_chat_jsonl,
+    problems_as_chats,
+    run_sft,
+)
 from dsv4.posttrain.tasks import (
     DOMAINS,
     Domain,
     FunctionDomain,
     Problem,
+    check_answer_budget,
     domain_accuracy,
     generate_responses,
     get_domain,
@@ -52,6 +60,52 @@ def test_builtin_answers_are_right() -> None:
         assert int(s.answer) == sum(int(x) for x in s.prompt.split()[1:])
     assert not DOMAINS["sum"].check(Problem("Sum 1 2", "3"), "4")
     assert not DOMAINS["sort"].check(Problem("Sort 2 1", "1 2"), "2 1")
+
+
+def test_expr_reasoning_leads_to_the_answer() -> None:
+    """expr is answered in think mode: the worked reasoning counts along the list (index, len)
+    or keeps the running max/min, and its last step gives the answer."""
+    expr = DOMAINS["expr"]
+    assert expr.thinking and not DOMAINS["sum"].thinking and not DOMAINS["sort"].thinking
+    rng = random.Random(1)
+    forms = set()
+    for _ in range(200):
+        p = expr.generate(rng)
+        text = p.prompt.removeprefix("Evaluate ")
+        steps = p.reasoning.split()
+        if text.startswith(("max", "min")):
+            forms.add(text[:3])
+            items = [int(x) for x in text[4:-1].split(", ")]
+            best = max if text.startswith("max") else min
+            assert steps == [str(best(items[:k + 1])) for k in range(len(items))]
+            assert steps[-1] == p.answer
+        else:
+            forms.add("len" if text.startswith("len") else "index")
+            listed = text.removeprefix("len(").split("]")[0].lstrip("[")
+            items = listed.split(", ")
+            assert steps == [f"{k}:{v}" for k, v in enumerate(items)][:len(steps)]
+            last_position, last_item = steps[-1].split(":")
+            if text.startswith("len"):
+                assert len(steps) == len(items) and int(last_position) + 1 == int(p.answer)
+            else:
+                assert text.endswith(f"[{last_position}]") and last_item == p.answer
+    assert forms == {"max", "min", "len", "index"}
+
+
+def test_answers_longer_than_the_token_budget_are_refused() -> None:
+    tokenizer = byte_tokenizer()
+    problem = Problem("Evaluate max(3, 9, 1)", "9", "3 9 9")  # "3 9 9", </think>, "9": 7 tokens
+    check_answer_budget(tokenizer, DOMAINS["expr"], [problem], 7)
+    with pytest.raises(PosttrainError, match=r"max_tokens=6: domain 'expr' has answers of 7 "
+                                             r"tokens \(e.g. 'Evaluate max\(3, 9, 1\)'\)"):
+        check_answer_budget(tokenizer, DOMAINS["expr"], [problem], 6)
+
+
+def test_problems_as_chats_carry_the_reasoning() -> None:
+    reasoned, plain = Problem("Evaluate [4, 1][1]", "1", "0:4 1:1"), Problem("Sum 1 2", "3")
+    chats = problems_as_chats([reasoned, plain])
+    assert chats[0][1] == {"role": "assistant", "content": "1", "reasoning_content": "0:4 1:1"}
+    assert chats[1][1] == {"role": "assistant", "content": "3"}
 
 
 @pytest.mark.parametrize("name", ["sum", "sort", "expr"])
@@ -174,6 +228,15 @@ def test_sft_think_mode_trains_the_reasoning() -> None:
     _, targets = encode_example(tokenizer, messages, thinking=True)
     trained = tokenizer.decode([t for t in targets if t != IGNORE_INDEX])
     assert trained.startswith("1+2</think>3")
+
+
+def test_sft_takes_one_mode_per_conversation() -> None:
+    tokenizer = byte_tokenizer()
+    model = randomize(Transformer(tiny_config(vocab_size=tokenizer.vocab_size)), seed=3)
+    chats = problems_as_chats([Problem("Sum 1 2", "3")])
+    with pytest.raises(PosttrainError, match="thinking has 2 modes for 1 conversations"):
+        run_sft(model, tokenizer, chats, SFTConfig(steps=1, progress=False),
+                thinking=[True, False])
 
 
 def test_chat_jsonl_errors_name_file_and_line(tmp_path) -> None:

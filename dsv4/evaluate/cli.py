@@ -123,7 +123,8 @@ def add_commands(subparsers: Any) -> None:
                    help="niah/mc/math: prompt in the V4 chat encoding instead of plain text")
     s.add_argument("--think", choices=("none", "high", "max"), default="none",
                    help="tasks/mc/math reasoning mode (implies --chat): none (non-think), high "
-                        "(think) or max (think-max)")
+                        "(think) or max (think-max); tasks asks a think-mode domain (expr) in "
+                        "think mode even with none")
     s.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="tokens to generate per item (defaults: niah 8, mc 4, math 256, tasks 24; "
                         "thinking modes more)")

@@ -1,10 +1,11 @@
 """The post-training domains (`dsv4.posttrain.tasks`): verifiable problems, checked by code.
 
 Each problem's prompt is one user message in the V4 chat encoding (non-think, think or
-think-max); the reply's content (reasoning excluded) goes to `domain.check(problem, content)`.
-That is what `dsv4.posttrain.tasks.domain_accuracy` does for a local model (greedy, same
-encoding), and what an endpoint gets as a chat completion, so local and endpoint results are
-comparable item by item.
+think-max; a think-mode domain such as expr is always asked in think mode); the reply's content
+(reasoning excluded) goes to `domain.check(problem, content)`. That is what
+`dsv4.posttrain.tasks.domain_accuracy` does for a local model (greedy, same encoding), and what
+an endpoint gets as a chat completion, so local and endpoint results are comparable item by
+item.
 """
 
 from __future__ import annotations
@@ -50,9 +51,16 @@ def domain_problems(domain, n: int | None) -> list:
 
 def score_items(backend, items: list[tuple[str, Any, Any]], think: str, max_tokens: int
                 ) -> list[dict]:
-    """items: (key, domain, problem)."""
-    convs = [[{"role": "user", "content": problem.prompt}] for _, _, problem in items]
-    replies = backend.chat(convs, think, max_tokens)
+    """items: (key, domain, problem). A think-mode domain (`domain.thinking`, e.g. expr) is
+    asked in think mode even when `think` is "none", as `domain_accuracy` does."""
+    modes = [think if think != "none" or not domain.thinking else "high"
+             for _, domain, _ in items]
+    replies: list[Any] = [None] * len(items)
+    for mode in sorted(set(modes)):
+        picked = [i for i, m in enumerate(modes) if m == mode]
+        convs = [[{"role": "user", "content": items[i][2].prompt}] for i in picked]
+        for i, reply in zip(picked, backend.chat(convs, mode, max_tokens)):
+            replies[i] = reply
     records = []
     for (key, domain, problem), reply in zip(items, replies):
         records.append({"key": key, "domain": domain.name, "answer": problem.answer,

@@ -143,8 +143,9 @@ def _add_sft(subparsers: Any) -> None:
                         help="packed row length in tokens (default 256)")
     parser.add_argument("--optimizer", choices=("muon", "adamw"), help="default muon")
     parser.add_argument("--think", action="store_true",
-                        help="encode in think mode (<think>reasoning</think>answer; "
-                             "reasoning_content of assistant messages is trained)")
+                        help="encode the --data conversations in think mode "
+                             "(<think>reasoning</think>answer; reasoning_content of assistant "
+                             "messages is trained); --domains use their own mode (expr: think)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     _common(parser)
     parser.set_defaults(run=cmd_sft)
@@ -163,14 +164,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
         chats = [chat for path in args.data for chat in load_chat_jsonl(path)]
     except PosttrainError as err:
         raise CommandError(str(err)) from None
+    thinking = [args.think] * len(chats)
     for offset, domain in enumerate(domains):
         chats += problems_as_chats(domain.problems(args.problems, seed=(args.seed or 0) + offset))
+        thinking += [domain.thinking] * args.problems
     cfg = SFTConfig(**_given(args, dict(steps="steps", lr="lr", batch_size="batch_size",
                                         seq_len="seq_len", optimizer="optimizer", seed="seed")),
                     thinking=args.think, bf16=not args.fp32, progress=not args.no_progress)
     model, tokenizer = _load(args.source)
     try:
-        summary = run_sft(model, tokenizer, chats, cfg, out=out)
+        summary = run_sft(model, tokenizer, chats, cfg, out=out, thinking=thinking)
     except PosttrainError as err:
         raise CommandError(str(err)) from None
     save_stage(model, out, tokenizer, cfg.steps, dict(stage="sft", source=args.source,
@@ -272,7 +275,7 @@ def _add_distill(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="new run directory")
     _stage_options(parser)
     parser.add_argument("--prompts-per-domain", type=positive_int, metavar="N",
-                        help="student samples per domain per step (default 32)")
+                        help="student samples per domain per step (default 24)")
     parser.add_argument("--temperature", type=_positive_float,
                         help="student sampling temperature (default 1.0)")
     parser.add_argument("--eval-size", type=int, default=200, metavar="N",
@@ -352,7 +355,7 @@ def _add_posttrain(subparsers: Any) -> None:
     parser.add_argument("--prompts-per-step", type=positive_int, metavar="Q",
                         help="GRPO prompts per step (default 128)")
     parser.add_argument("--prompts-per-domain", type=positive_int, metavar="N",
-                        help="distillation samples per domain per step (default 32)")
+                        help="distillation samples per domain per step (default 24)")
     parser.add_argument("--sft-problems", type=positive_int, metavar="N",
                         help="SFT training problems per domain (default 2000)")
     parser.add_argument("--eval-size", type=positive_int, metavar="N",

@@ -9,6 +9,9 @@
     evaluation  = greedy accuracy on each domain's held-out set: base, sft-d, specialist-d,
                   student -> results.json and accuracy.png
 
+A think-mode domain (`Domain.thinking`, as expr) is trained on its worked reasoning and
+sampled and evaluated in think mode in every stage; the others in non-think mode.
+
 Every stage is a run directory under --out (checkpoints/, tokenizer.json, config.json,
 metrics.jsonl, posttrain_stage.json when complete); `dsv4 generate --run OUT/student` and
 `dsv4 chat --run OUT/student` use them. A stage whose posttrain_stage.json exists is skipped, so
@@ -144,11 +147,12 @@ def sft_stage(source, target: Path, domains: dict, sft: SFTConfig, cfg: Posttrai
         log(f"{desc}: done already ({target})")
         return
     model, tokenizer = load_model_and_tokenizer(source)
-    chats = []
+    chats, thinking = [], []
     for offset, domain in enumerate(domains.values()):
         chats += problems_as_chats(domain.problems(cfg.sft_problems, seed=cfg.seed + offset))
+        thinking += [domain.thinking] * cfg.sft_problems
     sft = dataclasses.replace(sft, seed=cfg.seed, progress=cfg.progress)
-    summary = run_sft(model, tokenizer, chats, sft, out=target, desc=desc)
+    summary = run_sft(model, tokenizer, chats, sft, out=target, desc=desc, thinking=thinking)
     save_stage(model, target, tokenizer, sft.steps,
                dict(stage="sft", source=str(source), domains=list(domains), **summary,
                     config=dataclasses.asdict(sft)))

@@ -106,8 +106,11 @@ def encode_example(tokenizer, messages: list[dict], thinking: bool = False
 
 
 def problems_as_chats(problems) -> list[list[dict]]:
-    """Domain problems as one-turn conversations (the answer is the assistant's content)."""
-    return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}]
+    """Domain problems as one-turn conversations (the answer is the assistant's content, the
+    problem's worked reasoning, if any, its reasoning_content)."""
+    return [[{"role": "user", "content": p.prompt},
+             {"role": "assistant", "content": p.answer}
+             | ({"reasoning_content": p.reasoning} if p.reasoning else {})]
             for p in problems]
 
 
@@ -174,14 +177,21 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def run_sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig,
-            out: str | os.PathLike[str] | None = None, desc: str = "sft") -> dict[str, Any]:
-    """Fine-tune `model` in place; logs per-step metrics to out/metrics.jsonl."""
+            out: str | os.PathLike[str] | None = None, desc: str = "sft",
+            thinking: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Fine-tune `model` in place; logs per-step metrics to out/metrics.jsonl. `thinking`: the
+    mode of each conversation (default: `cfg.thinking` for all), so one run can train both."""
     from tqdm import tqdm
 
     if not conversations:
         raise PosttrainError("SFT needs at least one conversation")
     device = next(model.parameters()).device
-    examples = [encode_example(tokenizer, m, cfg.thinking) for m in conversations]
+    if thinking is None:
+        thinking = [cfg.thinking] * len(conversations)
+    if len(thinking) != len(conversations):
+        raise PosttrainError(f"thinking has {len(thinking)} modes for {len(conversations)} "
+                             "conversations")
+    examples = [encode_example(tokenizer, m, t) for m, t in zip(conversations, thinking)]
     ratios = model.cfg.compress_ratios
     pad_id = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)

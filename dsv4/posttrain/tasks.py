@@ -7,7 +7,13 @@ A domain is anything with a `name`, a `generate(rng) -> Problem` and a `check(pr
     sum    add up 3-5 single digits        "Sum 3 9 1 7"              -> "20"
     sort   sort 7-12 single digits         "Sort 3 9 1 7 0 4 4"       -> "0 1 3 4 4 7 9"
     expr   a small Python expression       "Evaluate max(3, 9, 1)"    -> "9"
-           over a digit list               "Evaluate [4, 1, 7][2]"    -> "7"
+           over a digit list, in think     "Evaluate [4, 1, 7][2]"    -> "<think>0:4 1:1 2:7
+           mode (reasoning, then answer)                                 </think>7"
+
+A domain answered in think mode (`Domain.thinking`, as `expr`) has worked reasoning in its
+problems (`Problem.reasoning`): SFT trains it as the assistant's reasoning_content, and sampling
+(GRPO, distillation, evaluation) opens the assistant turn with `<think>`; only the content after
+`</think>` is checked.
 
 Training problems and evaluation problems never overlap, whatever their counts: every problem is
 assigned to one side by a hash of its prompt (`is_eval_prompt`), so `problems(n, seed)` only
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_EVAL_SIZE = 200
+DEFAULT_MAX_TOKENS = 24  # per answer: expr's longest reasoning and answer take 23, + EOS
 EVAL_SEED = 1_000_003  # the fixed held-out sets
 EVAL_SHARE = 8  # 1 prompt in EVAL_SHARE (by hash) belongs to the evaluation side
 MAX_DRAWS_PER_PROBLEM = 1000  # generator attempts before a domain is declared too small
@@ -39,6 +46,7 @@ MAX_DRAWS_PER_PROBLEM = 1000  # generator attempts before a domain is declared t
 class Problem:
     prompt: str  # the user message
     answer: str  # the reference answer (also the SFT target text)
+    reasoning: str = ""  # worked reasoning, the SFT target's reasoning_content (think mode)
 
 
 def is_eval_prompt(prompt: str) -> bool:
@@ -52,6 +60,7 @@ class Domain:
 
     name: str = "domain"
     description: str = ""
+    thinking: bool = False  # answered in think mode (<think>reasoning</think>answer)
 
     def generate(self, rng: random.Random) -> Problem:
         raise NotImplementedError
@@ -96,8 +105,9 @@ class FunctionDomain(Domain):
     `check(problem, response) -> bool` (default: exact match of the stripped response)."""
 
     def __init__(self, name: str, generate: Callable[[random.Random], Problem],
-                 check: Callable[[Problem, str], bool] | None = None, description: str = ""):
-        self.name, self.description = name, description
+                 check: Callable[[Problem, str], bool] | None = None, description: str = "",
+                 thinking: bool = False):
+        self.name, self.description, self.thinking = name, description, thinking
         self._generate, self._check = generate, check
 
     def generate(self, rng: random.Random) -> Problem:
@@ -155,21 +165,39 @@ class Sorting(Domain):
 
 
 class Expression(Domain):
+    """Answered in think mode: a nano model indexes a list badly in one step (~36% right after
+    SFT, and GRPO cannot fix what it never samples); counting along the list first makes the
+    answer a copy of the last item (85% after SFT in `dsv4 posttrain`, 90% after GRPO)."""
+
     name = "expr"
     description = ("evaluate a small Python expression over a list of 3-7 digits: max(...), "
-                   "min(...), len([...]) or [...][i]")
+                   "min(...), len([...]) or [...][i]; reasoning first (think mode)")
+    thinking = True
 
     def generate(self, rng: random.Random) -> Problem:
-        items = ", ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 7)))
-        form = rng.choice(["max({})", "min({})", "len([{}])", "[{}][{}]"])
-        if form.count("{}") == 2:
-            text = form.format(items, rng.randrange(items.count(",") + 1))
+        items = [rng.randint(0, 9) for _ in range(rng.randint(3, 7))]
+        listed = ", ".join(map(str, items))
+        form = rng.choice(["max", "min", "len", "index"])
+        if form == "index":
+            index = rng.randrange(len(items))
+            text = f"[{listed}][{index}]"
+            reasoning = _counted(items[:index + 1])  # count up to the index: the answer is last
+        elif form == "len":
+            text, reasoning = f"len([{listed}])", _counted(items)
         else:
-            text = form.format(items)
-        return Problem(f"Evaluate {text}", str(_evaluate(text)))
+            text = f"{form}({listed})"
+            best = max if form == "max" else min
+            running = [best(items[:k + 1]) for k in range(len(items))]
+            reasoning = " ".join(map(str, running))  # the running max/min
+        return Problem(f"Evaluate {text}", str(_evaluate(text)), reasoning)
 
     def check(self, problem: Problem, response: str) -> bool:
         return _as_int(response) == int(problem.answer)
+
+
+def _counted(items: list[int]) -> str:
+    """"0:4 1:1 2:7": each item after its position."""
+    return " ".join(f"{k}:{v}" for k, v in enumerate(items))
 
 
 _EXPR = re.compile(r"(max|min|len)?[0-9, ()\[\]]+")
@@ -256,19 +284,38 @@ def response_text(tokenizer, tokens: list[int], thinking: bool = False) -> str:
     return parse_completion(decode_known(tokenizer, tokens), thinking=thinking)["content"]
 
 
+def check_answer_budget(tokenizer, domain: Domain, problems: list[Problem], max_tokens: int
+                        ) -> None:
+    """PosttrainError when a problem's reference answer (with its reasoning, in think mode)
+    takes more than `max_tokens` tokens: every sample would be cut before the right answer."""
+    from dsv4.chat import encode_chat
+    from dsv4.posttrain.common import PosttrainError
+    from dsv4.posttrain.sft import problems_as_chats
+
+    for problem, chat in zip(problems, problems_as_chats(problems)):
+        full = tokenizer.encode(encode_chat(chat, thinking=domain.thinking,
+                                            add_generation_prompt=False))
+        needed = len(full) - len(prompt_ids(tokenizer, problem.prompt, domain.thinking)) - 1
+        if needed > max_tokens:  # -1: the stop token need not fit
+            raise PosttrainError(f"max_tokens={max_tokens}: domain {domain.name!r} has answers "
+                                 f"of {needed} tokens (e.g. {problem.prompt!r}); raise it")
+
+
 def domain_accuracy(model, tokenizer, domain: Domain, problems: list[Problem], *,
-                    max_tokens: int = 24, batch: int = 512, thinking: bool = False) -> float:
+                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = 512) -> float:
     """Fraction of `problems` whose greedy answer `domain.check` accepts (chat-encoded, the
-    V4 encoding; generated with dsv4.engine.Engine)."""
+    V4 encoding, in the domain's mode; generated with dsv4.engine.Engine)."""
     if not problems:
         raise ValueError(f"domain {domain.name!r}: no problems to evaluate")
+    check_answer_budget(tokenizer, domain, problems, max_tokens)
     responses = generate_responses(model, tokenizer, [p.prompt for p in problems],
-                                   max_tokens=max_tokens, batch=batch, thinking=thinking)
+                                   max_tokens=max_tokens, batch=batch, thinking=domain.thinking)
     correct = sum(bool(domain.check(p, r)) for p, r in zip(problems, responses))
     return correct / len(problems)
 
 
-def generate_responses(model, tokenizer, prompts: list[str], *, max_tokens: int = 24,
+def generate_responses(model, tokenizer, prompts: list[str], *,
+                       max_tokens: int = DEFAULT_MAX_TOKENS,
                        batch: int = 512, thinking: bool = False) -> list[str]:
     """Greedy assistant responses (content text) to user prompts."""
     import torch
