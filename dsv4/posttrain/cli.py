@@ -153,7 +153,7 @@ def _add_sft(subparsers: Any) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from dsv4.posttrain.common import PosttrainError, save_stage
-    from dsv4.posttrain.sft import SFTConfig, load_chat_jsonl, problems_as_chats, run_sft
+    from dsv4.posttrain.sft import SFTConfig, domain_chats, load_chat_jsonl, run_sft
 
     _prepare(args)
     if not args.data and not args.domains:
@@ -164,10 +164,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
         chats = [chat for path in args.data for chat in load_chat_jsonl(path)]
     except PosttrainError as err:
         raise CommandError(str(err)) from None
-    thinking = [args.think] * len(chats)
-    for offset, domain in enumerate(domains):
-        chats += problems_as_chats(domain.problems(args.problems, seed=(args.seed or 0) + offset))
-        thinking += [domain.thinking] * args.problems
+    generated, generated_thinking = domain_chats(domains, args.problems, args.seed or 0)
+    thinking = [args.think] * len(chats) + generated_thinking
+    chats += generated
     cfg = SFTConfig(**_given(args, dict(steps="steps", lr="lr", batch_size="batch_size",
                                         seq_len="seq_len", optimizer="optimizer", seed="seed")),
                     thinking=args.think, bf16=not args.fp32, progress=not args.no_progress)

@@ -141,16 +141,13 @@ def pretrain_fresh(cfg: PosttrainConfig, run: Path, log) -> Path:
 
 def sft_stage(source, target: Path, domains: dict, sft: SFTConfig, cfg: PosttrainConfig,
               log, desc: str) -> None:
-    from dsv4.posttrain.sft import problems_as_chats, run_sft
+    from dsv4.posttrain.sft import domain_chats, run_sft
 
     if stage_done(target):
         log(f"{desc}: done already ({target})")
         return
     model, tokenizer = load_model_and_tokenizer(source)
-    chats, thinking = [], []
-    for offset, domain in enumerate(domains.values()):
-        chats += problems_as_chats(domain.problems(cfg.sft_problems, seed=cfg.seed + offset))
-        thinking += [domain.thinking] * cfg.sft_problems
+    chats, thinking = domain_chats(domains.values(), cfg.sft_problems, cfg.seed)
     sft = dataclasses.replace(sft, seed=cfg.seed, progress=cfg.progress)
     summary = run_sft(model, tokenizer, chats, sft, out=target, desc=desc, thinking=thinking)
     save_stage(model, target, tokenizer, sft.steps,

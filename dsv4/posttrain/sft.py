@@ -114,6 +114,17 @@ def problems_as_chats(problems) -> list[list[dict]]:
             for p in problems]
 
 
+def domain_chats(domains, n: int, seed: int) -> tuple[list[list[dict]], list[bool]]:
+    """`n` training problems of each domain as conversations, with each one's mode (the
+    domain's) for `run_sft(..., thinking=...)`."""
+    chats: list[list[dict]] = []
+    thinking: list[bool] = []
+    for offset, domain in enumerate(domains):
+        chats += problems_as_chats(domain.problems(n, seed=seed + offset))
+        thinking += [domain.thinking] * n
+    return chats, thinking
+
+
 # ---------------------------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------------------------
