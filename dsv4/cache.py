@@ -38,7 +38,6 @@ from dsv4.kernels import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 from dsv4.model import (
     Attention,
     Compressor,
-    Indexer,
     apply_rope,
     compress_windows,
     rope_cos_sin,
@@ -233,27 +232,25 @@ class LayerCache:
     def kind(self) -> str:
         return {0: "sliding", 4: "csa", 128: "hca"}.get(self.ratio, f"ratio{self.ratio}")
 
+    def attend(self, attn: Attention, x, q, kv, q_latent, positions, slots, cos, sin
+               ) -> torch.Tensor:
+        """The attention core of `Attention.forward` over the cache, for T new tokens per slot.
 
-def attention_step(attn: Attention, cache: LayerCache, x: torch.Tensor, positions: torch.Tensor,
-                   slots: torch.Tensor) -> torch.Tensor:
-    """Cached forward of one attention layer for T new tokens per slot.
-
-    x: [B, T, dim] normalized; positions: [B, T] = each slot's length + 0..T-1; slots [B, 1].
-    Writes the new rows and entries into the cache and returns [B, T, dim].
-    """
-    cos, sin = rope_cos_sin(attn.inv_freq, positions)
-    q, kv, q_latent = attn.project(x, cos, sin)
-    window_keys, window_valid = recent_rows(cache.window, slots, positions, kv, attn.window)
-    cache.window.write(slots, positions, kv)
-    selection = None
-    if cache.main is not None:
-        cache.main.update(attn.compressor, slots, x, positions, attn.inv_freq, attn.simulate_fp8)
-        if cache.index is not None:
-            cache.index.update(attn.indexer.compressor, slots, x, positions, attn.inv_freq,
-                               attn.indexer.simulate_fp4)
-        selection = select_entries(attn, cache, slots, x, q_latent, positions, cos, sin)
-    o = attend(q, window_keys, window_valid, attn.attn_sink, attn.window, selection)
-    return attn.output(o, cos, sin)
+        x: [B, T, dim] normalized input; q [B, T, H, D], kv [B, T, D], q_latent: its
+        projections; positions [B, T] = each slot's length + 0..T-1; slots [B, 1]. Stores the
+        new window rows and compressed entries; returns the attention output [B, T, H, D].
+        """
+        window_keys, window_valid = recent_rows(self.window, slots, positions, kv, attn.window)
+        self.window.write(slots, positions, kv)
+        selection = None
+        if self.main is not None:
+            self.main.update(attn.compressor, slots, x, positions, attn.inv_freq,
+                             attn.simulate_fp8)
+            if self.index is not None:
+                self.index.update(attn.indexer.compressor, slots, x, positions, attn.inv_freq,
+                                  attn.indexer.simulate_fp4)
+            selection = select_entries(attn, self, slots, x, q_latent, positions, cos, sin)
+        return attend(q, window_keys, window_valid, attn.attn_sink, attn.window, selection)
 
 
 def recent_rows(ring: Ring, slots, positions, new_rows, window: int):
@@ -301,7 +298,7 @@ def select_entries(attn: Attention, cache: LayerCache, slots, x, q_latent, posit
         return Selection(cache.main.entries.read_prefix(slots, n_max), visible, gathered=False)
     keys = cache.index.entries.read_prefix(slots, n_max)
     q_index = indexer.queries(q_latent, cos, sin)
-    scores = index_scores(indexer, x, q_index, keys)  # [B, T, C]
+    scores = indexer.scores(x, q_index, keys)  # [B, T, C]
     batch, length, k = *scores.shape[:2], indexer.topk
     keep = top_k_mask(scores.masked_fill(~visible, float("-inf")), k)  # k per query
     chosen = keep.nonzero()[:, -1].view(batch, length, k)  # their indices, ascending
@@ -310,30 +307,6 @@ def select_entries(attn: Attention, cache: LayerCache, slots, x, q_latent, posit
         cache.on_select(positions, chosen.masked_fill(~mask, -1))
     values = cache.main.entries.read(slots, chosen.flatten(1))  # only the chosen rows
     return Selection(values.view(batch, length, k, -1), mask, gathered=True)
-
-
-def index_scores(indexer: Indexer, x, q, keys, budget: int = 1 << 20) -> torch.Tensor:
-    """`Indexer.scores` for a chunk of queries against the cached keys: [B, T, C] fp32.
-
-    I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]), computed a few queries at a time so the
-    per-head logits [B, t, H, C] (at most `budget` elements) stay in the CPU cache, with the
-    head sum as a batched matmul. fp32 models compute in fp32 (what the full forward computes);
-    bf16 models in bf16, as the official inference does for index scores (spec §2.6).
-    """
-    batch, length, heads, dim = q.shape
-    dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-    weights = indexer.weights_proj(x).float() * (indexer.head_dim**-0.5 * heads**-0.5)
-    keys_t = keys.to(dtype).transpose(1, 2)  # [B, D, C]
-    step = max(1, budget // max(1, batch * heads * keys.shape[1]))
-    out = []
-    for i in range(0, length, step):
-        qb = q[:, i : i + step].to(dtype)  # [B, t, H, D]
-        t = qb.shape[1]
-        logits = torch.bmm(qb.reshape(batch, t * heads, dim), keys_t).relu_()  # [B, tH, C]
-        logits = logits.view(batch * t, heads, -1)
-        w = weights[:, i : i + step].reshape(batch * t, 1, heads).to(dtype)
-        out.append(torch.bmm(w, logits).view(batch, t, -1).float())
-    return torch.cat(out, dim=1)
 
 
 def attend(q, keys, valid, sink, window: int, selection: Selection | None) -> torch.Tensor:

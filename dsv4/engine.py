@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.cache import KVCache, LayerCache, attention_step
-from dsv4.model import Block, Transformer, hc_head
+from dsv4.cache import KVCache
+from dsv4.model import Transformer
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_CAPACITY = 16_384
@@ -136,16 +136,6 @@ def sampled_logprob(logits: torch.Tensor, params: SamplingParams, token: int
 # ---------------------------------------------------------------------------------------------
 
 
-def block_step(block: Block, cache: LayerCache, x: torch.Tensor, positions: torch.Tensor,
-               slots: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
-    """`Block.forward` with the cached attention. x: [B, T, N, dim] streams."""
-    h, post, comb = block.hc.pre(x, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale)
-    attn_out = attention_step(block.attn, cache, block.attn_norm(h), positions, slots)
-    x = block.hc.post(attn_out, x, post, comb)
-    h, post, comb = block.hc.pre(x, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale)
-    return block.hc.post(block.ffn(block.ffn_norm(h), input_ids), x, post, comb)
-
-
 @torch.inference_mode()
 def forward_step(model: Transformer, cache: KVCache, slots: torch.Tensor,
                  input_ids: torch.Tensor, all_logits: bool = False
@@ -155,12 +145,7 @@ def forward_step(model: Transformer, cache: KVCache, slots: torch.Tensor,
     slots: [B] long; input_ids: [B, T]. Returns (logits [B, T or 1, V] fp32 — only the last
     position unless `all_logits` — and the final residual streams [B, T, N, dim]).
     """
-    positions = cache.reserve(slots, input_ids.shape[1])
-    embed = model.embed(input_ids)
-    x = embed.unsqueeze(-2).expand(*embed.shape[:-1], model.cfg.hc_mult, -1).contiguous()
-    for layer, layer_cache in zip(model.layers, cache.layers):
-        x = block_step(layer, layer_cache, x, positions, slots.unsqueeze(1), input_ids)
-    cache.advance(slots, input_ids.shape[1])
+    x = model.hidden_streams(input_ids, cache=cache, slots=slots)
     hidden = x if all_logits else x[:, -1:]
     return model.logits(model.collapse(hidden)), x
 
@@ -168,20 +153,9 @@ def forward_step(model: Transformer, cache: KVCache, slots: torch.Tensor,
 @torch.inference_mode()
 def mtp_step(model: Transformer, cache: KVCache, slots: torch.Tensor, streams: torch.Tensor,
              next_ids: torch.Tensor) -> torch.Tensor:
-    """The depth-1 MTP block over the cache: position t takes the main model's final streams
-    at t and the embedding of token t+1, and predicts token t+2.
-
-    streams: [B, T, N, dim]; next_ids: [B, T]. Returns logits [B, T, V].
-    """
-    block = model.mtp[0]
-    positions = cache.reserve(slots, next_ids.shape[1], mtp=True)
-    nxt = block.e_proj(block.enorm(model.embed(next_ids)))
-    x = block.h_proj(block.hnorm(streams)) + nxt.unsqueeze(-2)
-    x = block_step(block, cache.mtp[0], x, positions, slots.unsqueeze(1), None)
-    cache.advance(slots, next_ids.shape[1], mtp=True)
-    eps = block.hc.hc_eps, block.hc.norm_eps
-    hidden = hc_head(x, block.hc_head_fn, block.hc_head_base, block.hc_head_scale, *eps)
-    return model.logits(block.norm(hidden))
+    """The MTP block over the cache (`Transformer.mtp_hidden`): logits [B, T, V] of the
+    tokens two ahead. streams: [B, T, N, dim] main final streams; next_ids: [B, T]."""
+    return model.logits(model.mtp_hidden(streams, next_ids, cache=cache, slots=slots))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ Parameter names follow the official checkpoint (`embed`, `layers.L.attn.wq_a`, `
 matrix on its own. Shapes in comments: B batch, S sequence, H heads, D head dim, C compressed
 entries, N mHC streams.
 
-Everything here is a full-sequence (training / scoring) forward. The attention is split into
-projection, compression, selection and the core sparse attention so that an inference cache can
-feed its own window and compressed entries into the same pieces.
+One forward serves training, prefill and decode: every module takes an optional cache
+(`dsv4.cache.KVCache`, or its per-layer `LayerCache`). Without one, a forward sees whole
+sequences from position 0; with one, it feeds new tokens of cache slots, and the attention layer
+hands its projected queries and keys to the cache, which holds the window and compressed entries
+and runs the cached attention core.
 
 Training additions (all optional, off by default):
 - Document masking: `forward(..., doc_ids=[B, S])` treats each run of equal ids as its own
@@ -399,11 +401,28 @@ class Indexer(nn.Module):
         q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))
         return self.simulate_fp4(apply_rope(q, cos, sin))
 
-    def scores(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]), fp32. -> [B, S, C]."""
-        weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        logits = torch.einsum("bshd,bcd->bshc", q.float(), keys.float()).relu()
-        return torch.einsum("bshc,bsh->bsc", logits, weights)
+    def scores(
+        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, budget: int = 1 << 20
+    ) -> torch.Tensor:
+        """I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]). x: [B, S, dim], q: [B, S, H, D],
+        keys: [B, C, D] -> [B, S, C] fp32.
+
+        A few queries at a time, so the per-head logits [B, t, H, C] (at most `budget`
+        elements) stay in the CPU cache, with the head sum as a batched matmul. Computed in q's
+        dtype: fp32 models in fp32, bf16 models in bf16 as the official inference does.
+        """
+        batch, length, heads, dim = q.shape
+        weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * heads**-0.5)
+        keys_t = keys.to(q.dtype).transpose(1, 2)  # [B, D, C]
+        step = max(1, budget // max(1, batch * heads * keys.shape[1]))
+        out = []
+        for i in range(0, length, step):
+            qb = q[:, i : i + step]  # [B, t, H, D]
+            t = qb.shape[1]
+            logits = torch.bmm(qb.reshape(batch, t * heads, dim), keys_t).relu()  # [B, tH, C]
+            w = weights[:, i : i + step].reshape(batch * t, 1, heads).to(q.dtype)
+            out.append(torch.bmm(w, logits.view(batch * t, heads, -1)).view(batch, t, -1))
+        return torch.cat(out, dim=1).float() if len(out) > 1 else out[0].float()
 
     @staticmethod
     def select(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> torch.Tensor:
@@ -652,12 +671,25 @@ class Attention(nn.Module):
         return entries, mask
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        cache=None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Full-sequence forward. x: [B, S, dim] (normalized), positions: [1, S] = 0..S-1, or
-        with doc_ids [B, S] the document-relative positions [B, S]."""
+        """x: [B, S, dim] (normalized) -> [B, S, dim].
+
+        Without a cache: the full sequence, positions [1, S] = 0..S-1, or with doc_ids [B, S]
+        the document-relative positions [B, S]. With a cache (`dsv4.cache.LayerCache`): S new
+        tokens of each slot [B, 1], positions [B, S] continuing each slot's length; the cache
+        supplies the window and compressed entries and stores the new ones.
+        """
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         q, kv, q_latent = self.project(x, cos, sin)
+        if cache is not None:
+            return self.output(cache.attend(self, x, q, kv, q_latent, positions, slots, cos, sin),
+                               cos, sin)
         entries = mask = None
         self._index_scores = None
         if self.compressor is not None:
@@ -866,10 +898,13 @@ class Block(nn.Module):
         positions: torch.Tensor,
         input_ids: torch.Tensor | None,
         doc_ids: torch.Tensor | None = None,
+        cache=None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [B, S, N, dim] residual streams -> same shape."""
+        """x: [B, S, N, dim] residual streams -> same shape (cache, slots: see Attention)."""
         h, post, comb = self.hc.pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        x = self.hc.post(self.attn(self.attn_norm(h), positions, doc_ids), x, post, comb)
+        attn_out = self.attn(self.attn_norm(h), positions, doc_ids, cache, slots)
+        x = self.hc.post(attn_out, x, post, comb)
         h, post, comb = self.hc.pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         return self.hc.post(self.ffn(self.ffn_norm(h), input_ids), x, post, comb)
 
@@ -893,11 +928,13 @@ class MTPBlock(Block):
         next_embed: torch.Tensor,
         positions: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
+        cache=None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, S, N, dim] main final streams; next_embed: [B, S, dim] embedding of token t+1.
         Returns the normalized hidden state [B, S, dim] fed to the shared head."""
         streams = self.h_proj(self.hnorm(x)) + self.e_proj(self.enorm(next_embed)).unsqueeze(-2)
-        streams = super().forward(streams, positions, None, doc_ids)
+        streams = super().forward(streams, positions, None, doc_ids, cache, slots)
         eps = self.hc.hc_eps, self.hc.norm_eps
         streams = hc_head(
             streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps,
@@ -950,15 +987,55 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def hidden_streams(
-        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        cache=None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final mHC residual streams [B, S, N, dim] (before the HC head)."""
-        positions = self.positions(input_ids, doc_ids)
+        """Final mHC residual streams [B, S, N, dim] (before the HC head).
+
+        With a cache (`dsv4.cache.KVCache`), input_ids are S new tokens for each of the cache
+        slots [B], each continuing from its own length; the cache advances by S.
+        """
+        positions = self.new_positions(input_ids, doc_ids, cache, slots)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         h = self.embed(input_ids)
         x = h.unsqueeze(-2).expand(*h.shape[:-1], self.cfg.hc_mult, h.shape[-1]).contiguous()
-        for layer in self.layers:
-            x = layer(x, positions, input_ids, doc_ids)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            x = layer(x, positions, input_ids, doc_ids, layer_cache, column(slots))
+        if cache is not None:
+            cache.advance(slots, input_ids.shape[1])
         return x
+
+    def mtp_hidden(
+        self,
+        streams: torch.Tensor,
+        next_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        cache=None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The MTP block's normalized hidden state [B, S, dim]: position t takes the main
+        model's final streams [B, S, N, dim] at t and token t+1 (next_ids [B, S]), and predicts
+        token t+2. With a cache: its MTP layer, which lags the main layers by one token."""
+        positions = self.new_positions(next_ids, doc_ids, cache, slots, mtp=True)
+        mtp_cache = cache.mtp[0] if cache is not None else None
+        hidden = self.mtp[0](streams, self.embed(next_ids), positions, doc_ids, mtp_cache,
+                             column(slots))
+        if cache is not None:
+            cache.advance(slots, next_ids.shape[1], mtp=True)
+        return hidden
+
+    def new_positions(self, input_ids, doc_ids, cache, slots, mtp: bool = False) -> torch.Tensor:
+        """RoPE positions of the tokens a forward feeds: from 0 (or document-relative) without
+        a cache, else after each slot's cached tokens (checking the capacity)."""
+        if cache is None:
+            return self.positions(input_ids, doc_ids)
+        if doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) is for full-sequence forwards, not a "
+                             "cache")
+        return cache.reserve(slots, input_ids.shape[1], mtp=mtp)
 
     @staticmethod
     def positions(input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
@@ -1039,9 +1116,7 @@ class Transformer(nn.Module):
         if not len(self.mtp):
             raise ValueError("this model has no MTP block (n_mtp_layers=0)")
         self.check_ids(mtp_input_ids, like=input_ids)
-        positions = self.positions(input_ids, doc_ids)
-        mtp_hidden = self.mtp[0](x, self.embed(mtp_input_ids), positions, doc_ids)
-        return logits, self.logits(mtp_hidden)
+        return logits, self.logits(self.mtp_hidden(x, mtp_input_ids, doc_ids))
 
     def check_ids(self, ids: torch.Tensor, like: torch.Tensor | None = None) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
@@ -1059,6 +1134,11 @@ class Transformer(nn.Module):
         if lowest < 0 or highest >= self.cfg.vocab_size:
             bad = lowest if lowest < 0 else highest
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")
+
+
+def column(slots: torch.Tensor | None) -> torch.Tensor | None:
+    """Cache slots [B] as the [B, 1] index that broadcasts against positions [B, T]."""
+    return None if slots is None else slots.unsqueeze(1)
 
 
 def rebuild_rope_tables(model: nn.Module, device: torch.device | str | None = None) -> None:
