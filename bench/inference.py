@@ -1,21 +1,21 @@
-"""Inference benchmark: dsv4's engine vs transformers' DeepseekV4ForCausalLM, same weights.
+"""Inference benchmark: dsv4 eager, dsv4 compiled and transformers' DeepseekV4ForCausalLM on the
+same weights, in one process with the same thread count.
 
-    python bench/inference.py                       # small preset, 1K / 8K / 32K, 2 threads
-    python bench/inference.py --contexts 1024 2048 --png /tmp/inference.png
+    python bench/inference.py                                 # small, 2K and 8K, 2 threads
+    python bench/inference.py --preset nano --contexts 512 8192 --no-hf
 
-For each context length: prefill tokens/s (dsv4: chunked prefill through the hybrid cache;
-transformers: one eager forward, run in a child process killed after --hf-cap seconds, so a
-capped figure is an upper bound), decode tokens/s at batch 1 and batch 16 (the batch shares the
-prefilled context, copied into every slot), cache bytes (dsv4 vs transformers' cache vs the
-analytic formula of `dsv4.costs`), and peak RSS. Prints a table, checks the targets of the
-inference issue and writes a PNG of speed and memory against context.
+For each context: prefill tokens/s (dsv4: chunked prefill through the hybrid cache;
+transformers: one eager forward), decode tokens/s at batch 1 and batch 16 (the batch shares the
+prefilled context, copied into every slot) for dsv4 eager, dsv4 compiled (`--compile`,
+`dsv4.engine.CompiledDecode`, its compile time reported apart) and transformers (its context
+built by its own cached prefill, untimed). Also: aten operators per layer in one eager batch-1
+decode step (torch profiler, nested calls included), and cache bytes against the analytic
+formula. Prints a table and the ratios; writes a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,90 +26,78 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4 import ModelConfig, costs  # noqa: E402
 from dsv4.cache import KVCache  # noqa: E402
-from dsv4.engine import forward_step  # noqa: E402
+from dsv4.engine import CompiledDecode, forward_step  # noqa: E402
 from dsv4.model import Transformer  # noqa: E402
 
 CHUNK = 512
-DECODE_STEPS = 8
+DECODE_STEPS = 16
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rate(tokens: int, fn, repeats: int = DECODE_STEPS) -> float:
+    """tokens/s of `fn` (one call = `tokens` tokens), after one untimed warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return tokens * repeats / (time.perf_counter() - start)
 
 
 # ---- dsv4 -----------------------------------------------------------------------------------
-def ours(model: Transformer, length: int, batch: int) -> dict:
-    ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=torch.Generator()
-                        .manual_seed(length))
-    cache = KVCache(model, slots=batch, capacity=length + DECODE_STEPS + 1)
+def prefill(model: Transformer, cache: KVCache, ids: torch.Tensor) -> float:
+    cache.reset(0)
     slot0 = torch.tensor([0])
     start = time.perf_counter()
-    for s in range(0, length, CHUNK):
+    for s in range(0, ids.shape[1], CHUNK):
         forward_step(model, cache, slot0, ids[:, s : s + CHUNK])
-    prefill = length / (time.perf_counter() - start)
-    used = cache.used_bytes(0)
+    return ids.shape[1] / (time.perf_counter() - start)
+
+
+def decode_rate(step, cache: KVCache, batch: int, token: torch.Tensor) -> float:
+    """Decode tokens/s at `batch`: every step feeds one token per slot, then the cache is
+    rolled back, so each step sees the same context."""
+    slots = torch.arange(batch)
+    ids = token.expand(batch, 1).contiguous()
+
+    def one() -> None:
+        step(slots, ids)
+        cache.lengths[slots] -= 1
+
+    return rate(batch, one)
+
+
+def aten_ops_per_layer(model: Transformer, cache: KVCache, token: torch.Tensor) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    slots = torch.tensor([0])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward_step(model, cache, slots, token)
+    cache.lengths[slots] -= 1
+    ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    return ops / model.cfg.n_layers
+
+
+def ours(model: Transformer, cache: KVCache, compiled: CompiledDecode | None, length: int,
+         batch: int) -> dict:
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=gen)
+    row = {"prefill": prefill(model, cache, ids), "cache_bytes": cache.used_bytes(0),
+           "formula_bytes": costs.kv_cache_bytes(model.cfg, length, "bf16")["total_bytes"]}
     for slot in range(1, batch):
         cache.copy_slot(0, slot)
-    row = {"prefill": prefill, "cache_bytes": used,
-           "formula_bytes": costs.kv_cache_bytes(model.cfg, length, "bf16")["total_bytes"]}
+    token = ids[:, -1:]
+
+    def eager(slots, step_ids):
+        forward_step(model, cache, slots, step_ids)
+
     for b in (1, batch):
-        slots = torch.arange(b)
-        step_ids = ids[:, -1:].expand(b, 1)
-        start = time.perf_counter()
-        for _ in range(DECODE_STEPS):
-            forward_step(model, cache, slots, step_ids)
-        row[f"decode_b{b}"] = b * DECODE_STEPS / (time.perf_counter() - start)
-        cache.lengths[slots] -= DECODE_STEPS  # back to the prompt for the next batch size
-    row["peak_rss_mib"] = peak_rss_mib()
+        row[f"eager_b{b}"] = decode_rate(eager, cache, b, token)
+        if compiled is not None:
+            row[f"compiled_b{b}"] = decode_rate(compiled, cache, b, token)
+    row["ops_per_layer"] = aten_ops_per_layer(model, cache, token)
     return row
 
 
 # ---- transformers -----------------------------------------------------------------------------
-def hf_prefill_child(hf, length: int, queue) -> None:
-    ids = torch.randint(0, hf.config.vocab_size, (1, length))
-    start = time.perf_counter()
-    with torch.no_grad():
-        hf(input_ids=ids, use_cache=False)
-    queue.put(length / (time.perf_counter() - start))
-
-
-def hf_prefill(hf, length: int, cap: float) -> tuple[float, bool]:
-    """tokens/s of one eager forward, or the bound length/cap when killed at the cap."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=hf_prefill_child, args=(hf, length, queue))
-    child.start()
-    child.join(cap)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        return length / cap, True
-    if child.exitcode != 0:
-        return float("nan"), True  # killed for memory, typically
-    return queue.get(), False
-
-
-def cache_tensor_bytes(cache) -> int:
-    total, seen = 0, set()
-
-    def add(t) -> None:
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-        elif isinstance(t, dict):
-            for v in t.values():
-                add(v)
-        elif isinstance(t, (list, tuple)):
-            for v in t:
-                add(v)
-
-    for layer in cache.layers:
-        for value in vars(layer).values():
-            add(value)
-    return total
-
-
 def repeat_cache(cache, batch: int) -> None:
     """Repeat a batch-1 transformers cache along the batch dim (every tensor attribute)."""
     def rep(t):
@@ -126,75 +114,71 @@ def repeat_cache(cache, batch: int) -> None:
             layer.values = layer.keys
 
 
-def hf_decode(hf, length: int, batch: int, cap: float) -> dict:
-    """Chunked cached prefill (untimed, capped), then timed decode at batch 1 and `batch`."""
+def theirs(hf, length: int, batch: int) -> dict:
+    """One eager forward of the whole context (prefill), then cached decode at batch 1 and
+    `batch` over a context built with its own cached prefill in 1K chunks."""
     from transformers import DynamicCache
 
-    ids = torch.randint(0, hf.config.vocab_size, (1, length))
-    cache = DynamicCache(config=hf.config)
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, hf.config.vocab_size, (1, length), generator=gen)
     start = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, length, 1024):
-            hf(input_ids=ids[:, s : s + 1024], cache=cache, use_cache=True)
-            if time.perf_counter() - start > cap:
-                return {"cache_bytes": float("nan"), "decode_b1": float("nan"),
-                        f"decode_b{batch}": float("nan"), "note": "prefill over the cap"}
-        row = {"cache_bytes": cache_tensor_bytes(cache)}
-        step = ids[:, -1:]
-        start = time.perf_counter()
-        for _ in range(DECODE_STEPS):
-            hf(input_ids=step, cache=cache, use_cache=True)
-        row["decode_b1"] = DECODE_STEPS / (time.perf_counter() - start)
-        repeat_cache(cache, batch)
-        step = step.expand(batch, 1)
-        start = time.perf_counter()
-        for _ in range(DECODE_STEPS):
-            hf(input_ids=step, cache=cache, use_cache=True)
-        row[f"decode_b{batch}"] = batch * DECODE_STEPS / (time.perf_counter() - start)
+    hf(input_ids=ids, use_cache=False)
+    row = {"prefill": length / (time.perf_counter() - start)}
+    cache = DynamicCache(config=hf.config)
+    for s in range(0, length, 1024):
+        hf(input_ids=ids[:, s : s + 1024], cache=cache, use_cache=True)
+    step = ids[:, -1:]
+    # Each step appends to transformers' cache (no rollback): the context grows by the few
+    # timed steps, which slows it by well under 1%.
+    row["decode_b1"] = rate(1, lambda: hf(input_ids=step, cache=cache, use_cache=True))
+    repeat_cache(cache, batch)
+    steps = step.expand(batch, 1)
+    row[f"decode_b{batch}"] = rate(batch, lambda: hf(input_ids=steps, cache=cache,
+                                                     use_cache=True))
     return row
 
 
 # ---- report ---------------------------------------------------------------------------------
-def fmt(x: float, capped: bool = False) -> str:
-    if x != x:  # nan
-        return "n/a"
-    return ("<" if capped else "") + f"{x:,.0f}"
+def fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}"
 
 
-def report(rows: dict, hf_rows: dict, batch: int, two_k: float | None) -> list[str]:
-    lines = [
-        f"{'context':>8} | {'prefill tok/s':>22} | {'decode b=1 tok/s':>20} | "
-        f"{f'decode b={batch} tok/s':>21} | {'cache KiB (ours/HF/formula)':>30} | peak RSS",
-        "-" * 130,
-    ]
+def ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def report(rows: dict, hf_rows: dict, batch: int, compile_s: float | None) -> list[str]:
+    lines = [f"{'context':>8} | {'':>22} | {'prefill tok/s':>13} | {'decode b=1':>10} | "
+             f"{f'decode b={batch}':>11}", "-" * 78]
     for length, r in rows.items():
         h = hf_rows.get(length, {})
-        pre = f"{fmt(r['prefill'])} / {fmt(h.get('prefill', float('nan')), h.get('capped'))}"
-        d1 = f"{fmt(r['decode_b1'])} / {fmt(h.get('decode_b1', float('nan')))}"
-        db = f"{fmt(r[f'decode_b{batch}'])} / {fmt(h.get(f'decode_b{batch}', float('nan')))}"
-        kib = (f"{r['cache_bytes'] / 1024:,.0f} / {h.get('cache_bytes', float('nan')) / 1024:,.0f}"
-               f" / {r['formula_bytes'] / 1024:,.0f}")
-        lines.append(f"{length:>8} | {pre:>22} | {d1:>20} | {db:>21} | {kib:>30} | "
-                     f"{r['peak_rss_mib']:,.0f} MiB")
-    lines.append("(each cell: dsv4 / transformers; '<' = transformers was stopped at the cap, "
-                 "its true figure is lower)")
-    lines.append("")
-    lines.append("targets:")
+        for label, pre, d1, db in (
+            ("dsv4 eager", r["prefill"], r["eager_b1"], r[f"eager_b{batch}"]),
+            ("dsv4 compiled", None, r.get("compiled_b1"), r.get(f"compiled_b{batch}")),
+            ("transformers (eager)", h.get("prefill"), h.get("decode_b1"),
+             h.get(f"decode_b{batch}")),
+        ):
+            lines.append(f"{length:>8} | {label:>22} | {fmt(pre):>13} | {fmt(d1):>10} | "
+                         f"{fmt(db):>11}")
+    lines += ["", "ratios (dsv4 / transformers, same weights, same process and threads):"]
     for length, r in rows.items():
         h = hf_rows.get(length, {})
-        if "prefill" in h and h["prefill"] == h["prefill"]:
-            ratio = r["prefill"] / h["prefill"]
-            bound = " (at least: transformers capped)" if h.get("capped") else ""
-            lines.append(f"  prefill {length}: {ratio:.1f}x transformers{bound}")
-        if "decode_b1" in h and h["decode_b1"] == h["decode_b1"]:
-            lines.append(f"  decode b=1 {length}: {r['decode_b1'] / h['decode_b1']:.1f}x "
-                         "transformers (target >= 3x)")
-        lines.append(f"  cache bytes {length}: {r['cache_bytes'] / r['formula_bytes']:.4f} of the "
-                     "formula (target within 2%)")
-    longest = max(rows)
-    if two_k:
-        lines.append(f"  linear prefill: {rows[longest]['prefill'] / two_k:.2f} of the 2K rate at "
-                     f"{longest} (target >= 0.5)")
+        best = {b: max(x for x in (r[f"eager_b{b}"], r.get(f"compiled_b{b}")) if x)
+                for b in (1, batch)}
+        lines.append(
+            f"  {length}: prefill {ratio(r['prefill'], h.get('prefill'))}; decode b=1 eager "
+            f"{ratio(r['eager_b1'], h.get('decode_b1'))}, compiled "
+            f"{ratio(r.get('compiled_b1'), h.get('decode_b1'))} (target >= 3x); b={batch} "
+            f"eager {ratio(r[f'eager_b{batch}'], h.get(f'decode_b{batch}'))}, compiled "
+            f"{ratio(r.get(f'compiled_b{batch}'), h.get(f'decode_b{batch}'))} (target >= 3x)")
+        lines.append(f"  {length}: best decode b=1 {fmt(best[1])} tok/s, b={batch} "
+                     f"{fmt(best[batch])} tok/s; cache bytes {r['cache_bytes']:,} = "
+                     f"{r['cache_bytes'] / r['formula_bytes']:.4f} of the formula")
+    first = next(iter(rows.values()))
+    lines.append(f"  aten ops per layer, one eager b=1 decode step: {first['ops_per_layer']:,.0f} "
+                 "(target <= 400)")
+    if compile_s is not None:
+        lines.append(f"  compile time (batch buckets 1 and {batch}, first calls): {compile_s:.1f} s")
     return lines
 
 
@@ -205,23 +189,19 @@ def plot(rows: dict, hf_rows: dict, batch: int, path: str) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted(rows)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("prefill", "prefill"), ("decode_b1", "decode b=1"),
-                       (f"decode_b{batch}", f"decode b={batch}")):
-        ax1.plot(lengths, [rows[n][key] for n in lengths], marker="o", label=f"dsv4 {label}")
-        hf = [hf_rows.get(n, {}).get(key, float("nan")) for n in lengths]
-        ax1.plot(lengths, hf, marker="x", linestyle="--", label=f"transformers {label}")
-    ax1.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s",
-            title="speed")
-    ax1.legend(fontsize=7)
-    ax2.plot(lengths, [rows[n]["cache_bytes"] / 2**20 for n in lengths], marker="o",
-             label="dsv4 cache")
-    ax2.plot(lengths, [rows[n]["formula_bytes"] / 2**20 for n in lengths], linestyle=":",
-             label="formula (bf16)")
-    ax2.plot(lengths, [hf_rows.get(n, {}).get("cache_bytes", float("nan")) / 2**20
-                       for n in lengths], marker="x", linestyle="--", label="transformers cache")
-    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="MiB", title="KV cache, one sequence")
-    ax2.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("eager_b1", "dsv4 eager b=1"), ("compiled_b1", "dsv4 compiled b=1"),
+                       (f"eager_b{batch}", f"dsv4 eager b={batch}"),
+                       (f"compiled_b{batch}", f"dsv4 compiled b={batch}")):
+        if key in rows[lengths[0]]:
+            ax.plot(lengths, [rows[n][key] for n in lengths], marker="o", label=label)
+    for key, label in (("decode_b1", "transformers b=1"),
+                       (f"decode_b{batch}", f"transformers b={batch}")):
+        if hf_rows:
+            ax.plot(lengths, [hf_rows.get(n, {}).get(key, float("nan")) for n in lengths],
+                    marker="x", linestyle="--", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -230,45 +210,40 @@ def plot(rows: dict, hf_rows: dict, batch: int, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 8192, 32768])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hf-cap", type=float, default=90.0,
-                        help="seconds allowed per transformers measurement (default 90)")
-    parser.add_argument("--hf-max-context", type=int, default=8192,
-                        help="longest context run through transformers (its eager attention "
-                             "needs S x S scores; default 8192)")
+    parser.add_argument("--no-compile", action="store_true", help="skip dsv4 compiled")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--png", default="bench/out/inference.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(args.preset).replace(
-        max_seq_len=max(65536, max(args.contexts) + 64))
+    cfg = ModelConfig.from_preset(args.preset)
     model = Transformer(cfg)
     model.init_weights(seed=0)
     model = model.to(torch.bfloat16).eval()
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"bf16, {args.threads} threads, decode batch {args.batch}")
-    rows = {}
-    with torch.no_grad():
+          f"bf16, {torch.get_num_threads()} threads, decode batch {args.batch}", flush=True)
+    # One cache for every context: compiled shapes follow the capacity, so one compile serves
+    # all rows (static shapes cost what the capacity holds, not what a context uses).
+    cache = KVCache(model, slots=args.batch, capacity=max(args.contexts) + 2 * DECODE_STEPS)
+    compiled = None if args.no_compile else CompiledDecode(model, cache, args.batch)
+    rows, hf_rows = {}, {}
+    with torch.inference_mode():
         for length in args.contexts:
-            rows[length] = ours(model, length, args.batch)
+            rows[length] = ours(model, cache, compiled, length, args.batch)
             print(f"  dsv4 {length}: {rows[length]}", flush=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from parity_utils import hf_model_from
+        if not args.no_hf:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from parity_utils import hf_model_from
 
-    hf = hf_model_from(model.float()).to(torch.bfloat16)
-    model.to(torch.bfloat16)
-    hf_rows = {}
-    for length in args.contexts:
-        if length > args.hf_max_context:
-            continue
-        rate, capped = hf_prefill(hf, length, args.hf_cap)
-        hf_rows[length] = {"prefill": rate, "capped": capped,
-                           **hf_decode(hf, length, args.batch, args.hf_cap)}
-        print(f"  transformers {length}: {hf_rows[length]}", flush=True)
-    two_k = rows.get(2048, {}).get("prefill")
-    print("\n".join(["", *report(rows, hf_rows, args.batch, two_k)]))
+            hf = hf_model_from(model.float()).to(torch.bfloat16).eval()
+            model.to(torch.bfloat16)
+            for length in args.contexts:
+                hf_rows[length] = theirs(hf, length, args.batch)
+                print(f"  transformers {length}: {hf_rows[length]}", flush=True)
+    compile_s = compiled.compile_seconds if compiled is not None else None
+    print("\n".join(["", *report(rows, hf_rows, args.batch, compile_s)]))
     if args.png:
         plot(rows, hf_rows, args.batch, args.png)
 

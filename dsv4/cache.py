@@ -41,6 +41,7 @@ from dsv4.model import (
     apply_rope,
     compress_windows,
     rope_cos_sin,
+    static_shapes,
     top_k_mask,
 )
 
@@ -106,11 +107,13 @@ class RowStore:
     def read_prefix(self, slots: torch.Tensor, n: int) -> torch.Tensor:
         """The first n rows of each slot: [B, n, width] (a view when nothing to convert and the
         slots are consecutive, the usual case)."""
-        first, count = int(slots[0, 0]), slots.shape[0]
-        consecutive = bool((slots[:, 0] == torch.arange(first, first + count,
-                                                        device=slots.device)).all())
-        if consecutive and not self.fp8_dims:
-            return self.plain[first : first + count, :n]
+        count = slots.shape[0]
+        if not static_shapes() and not self.fp8_dims:
+            first = int(slots[0, 0])
+            consecutive = bool((slots[:, 0] == torch.arange(first, first + count,
+                                                            device=slots.device)).all())
+            if consecutive:
+                return self.plain[first : first + count, :n]
         index = torch.arange(n, device=slots.device).expand(count, n)
         return self.read(slots, index)
 
@@ -148,8 +151,11 @@ class CompressorCache:
         lookback = (2 if self.overlap else 1) * comp.ratio
         self.kv_rows = Ring(slots, lookback + slack, width, torch.float32, device)
         self.gate_rows = Ring(slots, lookback + slack, width, torch.float32, device)
-        self.entries = RowStore(slots, capacity // comp.ratio, comp.head_dim, dtype, device,
-                                fp8_dims)
+        self.capacity = capacity // comp.ratio  # entries a query can see at most
+        # A row for a trailing incomplete window too (capacity not a multiple of the ratio):
+        # static-shape updates write the entry of the window being filled.
+        rows = -(-capacity // comp.ratio)
+        self.entries = RowStore(slots, rows, comp.head_dim, dtype, device, fp8_dims)
 
     def state_bytes(self) -> int:
         return self.kv_rows.store.nbytes() + self.gate_rows.store.nbytes()
@@ -165,17 +171,22 @@ class CompressorCache:
         start, length = positions[:, :1], positions.shape[1]
         first = start // r  # [B, 1] the window holding the first new token
         n_new = (start + length) // r - first  # windows completed by this chunk, per slot
-        n_max = int(n_new.max())
+        # Static shapes pool ceil(T / r) windows, the ones the chunk's tokens fall in, and
+        # store them all: an incomplete window's entry is rewritten by the token completing
+        # it, before any query can see it (and it stays inside the slot's rows).
+        n_max = (length + r - 1) // r if static_shapes() else int(n_new.max())
         if n_max:
             kv_w, gate_w, prev_kv, prev_gate = self.window_rows(
                 slots, kv_new, gate_new, start, first, n_max)
             pooled = compress_windows(kv_w, gate_w, r, self.overlap, prev_kv, prev_gate)
-            entry_pos = (first + torch.arange(n_max, device=x.device)) * r  # [B, n]
-            cos, sin = rope_cos_sin(inv_freq, entry_pos)
-            entries = post(apply_rope(comp.norm(pooled), cos, sin))
             index = first + torch.arange(n_max, device=x.device)  # [B, n]
-            valid = torch.arange(n_max, device=x.device) < n_new  # slots complete fewer windows
-            self.entries.write(slots.expand_as(index)[valid], index[valid], entries[valid])
+            cos, sin = rope_cos_sin(inv_freq, index * r)
+            entries = post(apply_rope(comp.norm(pooled), cos, sin))
+            if static_shapes():
+                self.entries.write(slots, index, entries)
+            else:
+                valid = torch.arange(n_max, device=x.device) < n_new  # slots complete fewer
+                self.entries.write(slots.expand_as(index)[valid], index[valid], entries[valid])
         self.kv_rows.write(slots, positions, kv_new)
         self.gate_rows.write(slots, positions, gate_new)
 
@@ -262,7 +273,7 @@ def recent_rows(ring: Ring, slots, positions, new_rows, window: int):
     would all be invalid).
     """
     start = positions[:, :1]
-    lead = min(window, int(start.max()))
+    lead = window if static_shapes() else min(window, int(start.max()))
     before = start - lead + torch.arange(lead, device=positions.device)  # [B, L]
     old = ring.read(slots, before.clamp(min=0)).to(new_rows.dtype)
     valid = torch.cat((before >= 0, torch.ones_like(positions, dtype=torch.bool)), dim=1)
@@ -286,7 +297,8 @@ def select_entries(attn: Attention, cache: LayerCache, slots, x, q_latent, posit
                    sin) -> Selection | None:
     ratio = attn.ratio
     n_visible = torch.div(positions + 1, ratio, rounding_mode="floor")  # [B, T]
-    n_max = int(n_visible.max())
+    # How many entries to look at: the most any query sees, or all of them for static shapes.
+    n_max = cache.main.capacity if static_shapes() else int(n_visible.max())
     if n_max == 0:
         return None
     entry = torch.arange(n_max, device=x.device)
@@ -299,14 +311,15 @@ def select_entries(attn: Attention, cache: LayerCache, slots, x, q_latent, posit
     keys = cache.index.entries.read_prefix(slots, n_max)
     q_index = indexer.queries(q_latent, cos, sin)
     scores = indexer.scores(x, q_index, keys)  # [B, T, C]
-    batch, length, k = *scores.shape[:2], indexer.topk
+    k = indexer.topk
     keep = top_k_mask(scores.masked_fill(~visible, float("-inf")), k)  # k per query
-    chosen = keep.nonzero()[:, -1].view(batch, length, k)  # their indices, ascending
+    # Their indices, ascending (what `nonzero` gives, without its data-dependent shape).
+    chosen = torch.where(keep, entry, n_max).topk(k, dim=-1, largest=False).values
     mask = chosen < n_visible.unsqueeze(-1)  # fewer visible than k: the rest are padding
     if cache.on_select is not None:
         cache.on_select(positions, chosen.masked_fill(~mask, -1))
     values = cache.main.entries.read(slots, chosen.flatten(1))  # only the chosen rows
-    return Selection(values.view(batch, length, k, -1), mask, gathered=True)
+    return Selection(values.view(*chosen.shape, -1), mask, gathered=True)
 
 
 def attend(q, keys, valid, sink, window: int, selection: Selection | None) -> torch.Tensor:
@@ -402,7 +415,8 @@ class KVCache:
     def reserve(self, slots: torch.Tensor, n_new: int, mtp: bool = False) -> torch.Tensor:
         """Positions [B, n_new] for the next tokens of `slots` [B]; checks the capacity."""
         start = (self.mtp_lengths if mtp else self.lengths)[slots]
-        if int(start.max()) + n_new > self.capacity:
+        # Compiled decode checks no tensor values (the engine checks each request's room).
+        if not static_shapes() and int(start.max()) + n_new > self.capacity:
             worst = int(slots[start.argmax()])
             raise CacheError(f"slot {worst}: {int(start.max())} + {n_new} tokens exceed the cache "
                              f"capacity of {self.capacity} tokens")

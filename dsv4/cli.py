@@ -54,6 +54,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_compile_argument(group) -> None:
+    group.add_argument("--compile", action="store_true",
+                       help="decode through torch.compile: faster steps after a one-time "
+                            "compile (minutes on a CPU, seconds once in inductor's disk cache)")
+
+
+def compile_requested(args: argparse.Namespace) -> bool:
+    """--compile, announced: the first decode step waits for the compiler."""
+    if args.compile:
+        print("dsv4: --compile: the first decode step compiles the model (minutes the first "
+              "time on a CPU, seconds once cached)", file=sys.stderr)
+    return args.compile
+
+
 # ---- number formatting -----------------------------------------------------------------
 def format_count(n: float) -> str:
     """Parameter counts: 284.33 B, 106.96 M, 98.30 K."""
@@ -482,6 +496,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                          help="MTP self-speculative decoding (greedy: sets --temperature 0)")
     runtime.add_argument("--kv-fp8", action="store_true",
                          help="store the cache's non-RoPE dims in FP8 (about half the memory)")
+    add_compile_argument(runtime)
     runtime.add_argument("--threads", type=positive_int, default=None, metavar="N",
                          help="CPU threads for torch (default: torch's choice)")
 
@@ -537,7 +552,8 @@ def build_engine(args: argparse.Namespace, model, tokenizer):
         args.temperature = 0.0
     capacity = min(args.context, model.cfg.max_seq_len)
     engine = Engine(model, max_batch=1, capacity=capacity, tokenizer=tokenizer,
-                    speculative=args.speculative, kv_fp8=args.kv_fp8, seed=args.seed)
+                    speculative=args.speculative, kv_fp8=args.kv_fp8, seed=args.seed,
+                    compile=compile_requested(args))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,46 @@ def mtp_step(model: Transformer, cache: KVCache, slots: torch.Tensor, streams: t
     return model.logits(model.mtp_hidden(streams, next_ids, cache=cache, slots=slots))
 
 
+class CompiledDecode:
+    """One decode token for each of B slots through `torch.compile`, captured whole.
+
+    Traced with static shapes (`dsv4.model.static_shapes`: the cached forward then reads no
+    lengths), with a batch padded up to a bucket (powers of two up to max_batch) by repeating
+    its last row: the repeat writes the same rows of the same slot, so it changes nothing. Each
+    bucket compiles once, on first use; inductor's on-disk cache makes the next start fast.
+    On CUDA, mode "reduce-overhead" replays the step as a CUDA graph.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, max_batch: int):
+        self.model, self.cache = model, cache
+        self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.buckets))
+        mode = "reduce-overhead" if cache.lengths.device.type == "cuda" else None
+        self.step = torch.compile(self.logits, dynamic=False, fullgraph=True, mode=mode)
+        self.compiled: set[int] = set()
+        self.compile_seconds = 0.0  # first calls of each bucket: tracing and code generation
+
+    def logits(self, slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.hidden_streams(ids, cache=self.cache, slots=slots)
+        return self.model.logits(self.model.collapse(x))
+
+    def __call__(self, slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """slots [B], ids [B, 1] -> logits [B, 1, V] fp32."""
+        batch = slots.shape[0]
+        size = next(b for b in self.buckets if b >= batch)
+        if size > batch:
+            slots = torch.cat((slots, slots[-1:].expand(size - batch)))
+            ids = torch.cat((ids, ids[-1:].expand(size - batch, -1)))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.step(slots, ids)
+        if size not in self.compiled:
+            self.compiled.add(size)
+            self.compile_seconds += time.perf_counter() - start
+        return logits[:batch]
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests and the engine
 # ---------------------------------------------------------------------------------------------
@@ -216,13 +257,14 @@ class Engine:
     `draft_fn(tokens) -> token` guessing the token after `tokens` (e.g. prompt lookup) when
     given; kv_fp8: FP8 cache storage; record: log-probabilities, kept sets and expert routing
     on the events (see `Event`); prefill_chunk: most prompt tokens one request feeds per step
-    (a prefill round feeds at most `4 * prefill_chunk` tokens over all requests).
+    (a prefill round feeds at most `4 * prefill_chunk` tokens over all requests); compile: plain
+    decode steps through `torch.compile` (`CompiledDecode`; prefill and speculation stay eager).
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, capacity: int | None = None,
                  tokenizer=None, speculative: bool = False, draft_fn=None,
                  kv_fp8: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, seed: int = 0,
-                 record: bool = False):
+                 record: bool = False, compile: bool = False):
         cfg = model.cfg
         if record and speculative:
             raise ValueError("record=True needs plain decoding (speculative=False)")
@@ -247,6 +289,7 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.free_slots = list(range(max_batch))
         self.drafts_proposed = self.drafts_accepted = 0
+        self.compiled = CompiledDecode(model, self.cache, max_batch) if compile else None
 
     @property
     def capacity(self) -> int:
@@ -421,7 +464,10 @@ class Engine:
     def decode(self, requests: list[Request]) -> list[Event]:
         slots = torch.tensor([r.slot for r in requests], device=self.device)
         ids = torch.tensor([[r.next_token] for r in requests], device=self.device)
-        logits, _ = forward_step(self.model, self.cache, slots, ids)
+        if self.compiled is not None:
+            logits = self.compiled(slots, ids)
+        else:
+            logits, _ = forward_step(self.model, self.cache, slots, ids)
         self.record_routing(requests, 1)
         greedy = logits[:, -1].argmax(-1).tolist()
         events = []

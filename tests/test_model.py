@@ -227,3 +227,19 @@ def test_bad_token_ids_raise_a_clear_error(model: Transformer) -> None:
         model(torch.tensor([[-1, 2]]))
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         model(torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # 3 x 2 pairs <= 8 experts: gathered; 40: dense
+def test_static_shape_experts_equal_the_grouped_loop(tokens: int) -> None:
+    """`RoutedExperts.forward_static` (decode batches, compiled decode) sums the same expert
+    outputs as the loop over experts it replaces."""
+    model = randomize(Transformer(tiny_config()), seed=8)
+    experts = model.layers[2].ffn.experts
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, model.cfg.dim, generator=gen)
+    indices = torch.rand(tokens, 8, generator=gen).argsort(dim=-1)[:, :2]
+    weights = torch.rand(tokens, 2, generator=gen)
+    with torch.no_grad():
+        loop = experts(x.repeat(8, 1), indices.repeat(8, 1), weights.repeat(8, 1))[:tokens]
+        static = experts.forward_static(x, indices, weights)
+    torch.testing.assert_close(static, loop, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,14 @@ import os
 import sys
 from typing import Any
 
-from dsv4.cli import CommandError, byte_size, format_bytes, positive_int
+from dsv4.cli import (
+    CommandError,
+    add_compile_argument,
+    byte_size,
+    compile_requested,
+    format_bytes,
+    positive_int,
+)
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_CONTEXT = 8192
@@ -82,6 +89,7 @@ def _add_serve(subparsers: Any) -> None:
                          help="cpu or cuda[:N] (default: cuda when available)")
     runtime.add_argument("--kv-fp8", action="store_true",
                          help="store the cache's non-RoPE dims in FP8 (about half the memory)")
+    add_compile_argument(runtime)
     runtime.add_argument("--threads", type=positive_int, default=None, metavar="N",
                          help="CPU threads for torch (default: torch's choice)")
     runtime.add_argument("--log-level", default="warning",
@@ -181,6 +189,7 @@ def build_serving_engine(model, args: argparse.Namespace, capacity: int):
 
     try:
         return Engine(model, max_batch=args.max_batch, capacity=capacity, kv_fp8=args.kv_fp8,
-                      prefill_chunk=args.prefill_chunk, seed=args.seed)
+                      prefill_chunk=args.prefill_chunk, seed=args.seed,
+                      compile=compile_requested(args))
     except ValueError as err:  # CacheError: kv_fp8 with this head size, ...
         raise CommandError(str(err)) from None
