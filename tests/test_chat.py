@@ -1,7 +1,9 @@
 """The V4 chat encoding and completion parser (spec training.md §6, §3.2, §3.6; field-notes B5).
 
-Golden prompts are written out here from the official encoder's published fixtures
-(`encoding/tests`, reproduced by several independent ports), not from `dsv4.chat`'s constants.
+Golden prompts are written out here from the April preview encoder's published fixtures
+(`encoding/tests`, reproduced by several independent ports), not from `dsv4.chat`'s constants, so
+these tests pin encoding="v4-preview". Today's official encoding ("v4", the default) is compared
+with DeepSeek's own package in test_chat_official.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ import pytest
 
 from dsv4 import chat
 from dsv4.chat import StreamParser, encode_chat, encode_chat_segments, parse_completion
+
+
+def _preview_options(messages: list[dict], options: dict) -> dict:
+    # A complete conversation (ending with an assistant turn) has no generation prompt.
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    options.setdefault("add_generation_prompt", last.get("role") != "assistant")
+    return {"encoding": "v4-preview", **options}
+
+
+def preview(messages: list[dict], **options) -> str:
+    return encode_chat(messages, **_preview_options(messages, options))
+
+
+def preview_segments(messages: list[dict], **options) -> list[tuple[str, bool]]:
+    return encode_chat_segments(messages, **_preview_options(messages, options))
+
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 U, A = "<｜User｜>", "<｜Assistant｜>"
@@ -127,7 +145,7 @@ def test_prompts_tokenize_with_the_markers_as_single_tokens() -> None:
     from dsv4.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
-    prompt = encode_chat(weather_conversation(), thinking=True, tools=[WEATHER])
+    prompt = preview(weather_conversation(), thinking=True, tools=[WEATHER])
     ids = tok.encode(prompt)
     assert tok.decode(ids) == prompt
     for marker in (BOS, EOS, U, A, "<think>", "</think>", "｜DSML｜"):
@@ -146,7 +164,7 @@ def test_official_fixture_2_thinking_drops_earlier_reasoning() -> None:
         f"{U}What is the capital of France?{A}<think>The user asks about the capital of France. "
         f"It is Paris.</think>The capital of France is Paris.{EOS}"
     )
-    assert encode_chat(basic_conversation(), thinking=True) == expected
+    assert preview(basic_conversation(), thinking=True) == expected
 
 
 def test_non_think_multi_turn() -> None:
@@ -155,7 +173,7 @@ def test_non_think_multi_turn() -> None:
         f"{U}What is the capital of France?{A}</think>The capital of France is Paris.{EOS}"
     )
     # reasoning_content is never rendered in non-think mode
-    assert encode_chat(basic_conversation(), thinking=False) == expected
+    assert preview(basic_conversation(), thinking=False) == expected
 
 
 def test_official_fixture_1_thinking_with_tools_keeps_all_reasoning() -> None:
@@ -168,11 +186,11 @@ def test_official_fixture_1_thinking_with_tools_keeps_all_reasoning() -> None:
         f"The weather in Beijing is currently sunny with a temperature of 22°C and 45% humidity."
         f"{EOS}"
     )
-    assert encode_chat(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH]) == expected
+    assert preview(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH]) == expected
     # The same tools given on the system message, as in the official fixture file.
     messages = weather_conversation()
     messages[0]["tools"] = [WEATHER, SEARCH]
-    assert encode_chat(messages, thinking=True) == expected
+    assert preview(messages, thinking=True) == expected
 
 
 def test_tools_in_non_think_mode() -> None:
@@ -183,22 +201,22 @@ def test_tools_in_non_think_mode() -> None:
         f"</tool_result>{A}</think>The weather in Beijing is currently sunny with a temperature "
         f"of 22°C and 45% humidity.{EOS}"
     )
-    assert encode_chat(weather_conversation(), tools=[WEATHER, SEARCH]) == expected
+    assert preview(weather_conversation(), tools=[WEATHER, SEARCH]) == expected
 
 
 def test_generation_prompts_for_the_three_modes() -> None:
     messages = [{"role": "user", "content": "hi"}]
-    assert encode_chat(messages) == f"{BOS}{U}hi{A}</think>"
-    assert encode_chat(messages, thinking=True) == f"{BOS}{U}hi{A}<think>"
-    assert encode_chat(messages, thinking=True, reasoning_effort="high") == f"{BOS}{U}hi{A}<think>"
-    assert encode_chat(messages, thinking=True, reasoning_effort="max") == (
+    assert preview(messages) == f"{BOS}{U}hi{A}</think>"
+    assert preview(messages, thinking=True) == f"{BOS}{U}hi{A}<think>"
+    assert preview(messages, thinking=True, reasoning_effort="high") == f"{BOS}{U}hi{A}<think>"
+    assert preview(messages, thinking=True, reasoning_effort="max") == (
         f"{BOS}{THINK_MAX}{U}hi{A}<think>")
     with_system = [{"role": "system", "content": "Be brief."}, *messages]
-    assert encode_chat(with_system, thinking=True, reasoning_effort="max") == (
+    assert preview(with_system, thinking=True, reasoning_effort="max") == (
         f"{BOS}{THINK_MAX}Be brief.{U}hi{A}<think>")
     # Think-Max is a think-mode instruction: non-think ignores the effort, as the official does.
-    assert encode_chat(messages, reasoning_effort="max") == f"{BOS}{U}hi{A}</think>"
-    assert encode_chat(messages, thinking=True, add_generation_prompt=False) == f"{BOS}{U}hi"
+    assert preview(messages, reasoning_effort="max") == f"{BOS}{U}hi{A}</think>"
+    assert preview(messages, thinking=True, add_generation_prompt=False) == f"{BOS}{U}hi"
 
 
 def test_tool_results_merge_into_one_user_turn_in_call_order() -> None:
@@ -224,11 +242,11 @@ def test_tool_results_merge_into_one_user_turn_in_call_order() -> None:
         f"{U}<tool_result>X1\n\nX2</tool_result>\n\n<tool_result>Y</tool_result>\n\n"
         f"Thanks, summarize.{A}</think>"
     )
-    assert encode_chat(messages) == expected
+    assert preview(messages) == expected
 
 
 def test_request_tools_without_a_system_message_get_an_empty_one() -> None:
-    prompt = encode_chat([{"role": "user", "content": "hi"}], tools=[WEATHER, SEARCH])
+    prompt = preview([{"role": "user", "content": "hi"}], tools=[WEATHER, SEARCH])
     assert prompt == f"{BOS}{TOOLS_SECTION}{U}hi{A}</think>"
 
 
@@ -238,26 +256,26 @@ def test_developer_messages_and_consecutive_user_messages() -> None:
         {"role": "user", "content": "Hello"},
         {"role": "user", "content": "Are you there?"},
     ]
-    assert encode_chat(messages) == (
+    assert preview(messages) == (
         f"{BOS}{U}Answer in French.{U}Hello\n\nAre you there?{A}</think>")
     # In think mode with dropping, a developer message before the last user turn is dropped.
     old = [{"role": "developer", "content": "Old rule."}, {"role": "user", "content": "a"},
            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert encode_chat(old, thinking=True) == f"{BOS}{U}a{A}</think>b{EOS}{U}c{A}<think>"
-    assert encode_chat(old, thinking=True, drop_thinking=False) == (
+    assert preview(old, thinking=True) == f"{BOS}{U}a{A}</think>b{EOS}{U}c{A}<think>"
+    assert preview(old, thinking=True, drop_thinking=False) == (
         f"{BOS}{U}Old rule.{U}a{A}<think></think>b{EOS}{U}c{A}<think>")
 
 
 def test_reasoning_retention_rules() -> None:
     messages = basic_conversation()[:4]
-    dropped = encode_chat(messages, thinking=True)
-    kept = encode_chat(messages, thinking=True, drop_thinking=False)
+    dropped = preview(messages, thinking=True)
+    kept = preview(messages, thinking=True, drop_thinking=False)
     assert "The user said hello" not in dropped
     assert (f"{A}<think>The user said hello, I should greet back.</think>Hi there! How can I "
             f"help you?{EOS}") in kept
     assert dropped.endswith(f"{U}What is the capital of France?{A}<think>")
     # Any tools switch dropping off (interleaved thinking): reasoning survives a new user turn.
-    with_tools = encode_chat(messages, thinking=True, tools=[SEARCH])
+    with_tools = preview(messages, thinking=True, tools=[SEARCH])
     search_section = TOOLS_HEAD + json.dumps(SEARCH["function"]) + TOOLS_TAIL
     assert with_tools == kept.replace("You are a helpful assistant.",
                                       "You are a helpful assistant." + search_section)
@@ -265,8 +283,8 @@ def test_reasoning_retention_rules() -> None:
 
 def test_segments_mark_exactly_the_generated_text() -> None:
     messages = weather_conversation()
-    segments = encode_chat_segments(messages, thinking=True, tools=[WEATHER])
-    assert "".join(text for text, _ in segments) == encode_chat(messages, thinking=True,
+    segments = preview_segments(messages, thinking=True, tools=[WEATHER])
+    assert "".join(text for text, _ in segments) == preview(messages, thinking=True,
                                                                 tools=[WEATHER])
     generated = [text for text, is_generated in segments if is_generated]
     assert generated == [
@@ -284,7 +302,7 @@ def test_segments_mark_exactly_the_generated_text() -> None:
 def test_user_text_is_not_escaped() -> None:
     # Markup typed by a user is the user's text: the encoder passes it through untouched.
     tricky = "Why does </think> or <｜DSML｜tool_calls> or <｜end▁of▁sentence｜> break things?"
-    assert encode_chat([{"role": "user", "content": tricky}]) == f"{BOS}{U}{tricky}{A}</think>"
+    assert preview([{"role": "user", "content": tricky}]) == f"{BOS}{U}{tricky}{A}</think>"
 
 
 # ---- bad messages ------------------------------------------------------------------------
@@ -342,22 +360,22 @@ def _call(call_id: str = "c1", arguments: object = "{}") -> dict:
 ])
 def test_bad_messages_name_the_index_and_field(messages: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        encode_chat(messages)
+        preview(messages)
 
 
 def test_bad_arguments_name_the_argument() -> None:
-    with pytest.raises(ValueError, match=r"reasoning_effort: 'low'"):
-        encode_chat([{"role": "user", "content": "a"}], thinking=True, reasoning_effort="low")
+    with pytest.raises(ValueError, match=r"reasoning_effort: 'extreme'"):
+        preview([{"role": "user", "content": "a"}], thinking=True, reasoning_effort="extreme")
     with pytest.raises(ValueError, match=r"tools\[0\]\.function\.name"):
-        encode_chat([{"role": "user", "content": "a"}], tools=[{"type": "function",
+        preview([{"role": "user", "content": "a"}], tools=[{"type": "function",
                                                                 "function": {"name": ""}}])
     with pytest.raises(ValueError, match=r"tools: given both"):
-        encode_chat([{"role": "system", "content": "s", "tools": [SEARCH]}], tools=[SEARCH])
+        preview([{"role": "system", "content": "s", "tools": [SEARCH]}], tools=[SEARCH])
 
 
 # ---- parsing -----------------------------------------------------------------------------
 def test_parse_the_official_fixture_turns() -> None:
-    prompt = encode_chat(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH])
+    prompt = preview(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH])
     marker = f"{A}<think>"
     first = prompt[prompt.find(marker) + len(marker):prompt.find(U, prompt.find(marker))]
     parsed = parse_completion(first, thinking=True, strict=True)
@@ -423,7 +441,8 @@ def test_round_trip_encode_then_parse(index: int, thinking: bool) -> None:
         {"role": "user", "content": ""},  # empty user turn
         assistant,
     ]
-    segments = encode_chat_segments(messages, thinking=thinking, tools=[WEATHER, SEARCH])
+    segments = encode_chat_segments(messages, thinking=thinking, tools=[WEATHER, SEARCH],
+                                    add_generation_prompt=False)
     completion = [text for text, generated in segments if generated][-1]
     parsed = parse_completion(completion, thinking=thinking, strict=True)
     assert _normalized(parsed, thinking) == _normalized(assistant, thinking)
@@ -432,7 +451,7 @@ def test_round_trip_encode_then_parse(index: int, thinking: bool) -> None:
         f"call_{k}" for k in range(len(assistant.get("tool_calls") or []))]
     # Parsing is the exact inverse: re-encoding the parsed message gives the same completion.
     again = encode_chat_segments([*messages[:-1], parsed], thinking=thinking,
-                                 tools=[WEATHER, SEARCH])
+                                 tools=[WEATHER, SEARCH], add_generation_prompt=False)
     assert [t for t, g in again if g][-1] == completion
 
 
@@ -464,7 +483,8 @@ def _completions() -> list[tuple[str, bool]]:
     for thinking in (True, False):
         for assistant in ROUND_TRIP_ASSISTANTS:
             messages = [{"role": "user", "content": "q"}, {"role": "assistant", **assistant}]
-            segments = encode_chat_segments(messages, thinking=thinking, tools=[SEARCH])
+            segments = encode_chat_segments(messages, thinking=thinking, tools=[SEARCH],
+                                            add_generation_prompt=False)
             completion = segments[-1][0]
             cases.append((completion, thinking))
             cases.append((completion.removesuffix(EOS), thinking))  # server stripped EOS
