@@ -199,6 +199,9 @@ def _to_json(value: Any, where: str) -> str:
 def _json_text(value: Any) -> str:
     if isinstance(value, float):
         return _float_text(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+            -2**63 <= value < 2**64):
+        return _float_text(float(value))  # beyond 64 bits the official reads a float
     if isinstance(value, dict):
         items = []
         for key, item in value.items():
