@@ -758,17 +758,27 @@ def encode_chat_ids(tokenizer: Any, messages: list[dict], *, thinking: bool = Fa
 
 
 # ---- parsing -----------------------------------------------------------------------------
-_TAG_OPEN = f"<{DSML}"
-_TAG_CLOSE = f"</{DSML}"
+# What opens a DSML tag. The model writes `<｜DSML｜` (｜DSML｜ is one token), but models and
+# quantized runs also produce an ASCII "|" for "｜" and a space after "<" or "/"; all of these
+# are read as tags, so none of them can leak into content or arguments.
+_DSML_BARS = (DSML, "|DSML|")
+_TAG_STARTS = tuple(f"{opener}{bar}" for bar in _DSML_BARS
+                    for opener in ("<", "</", "< ", "</ ", "< /"))
 # Markers that end reasoning/content text. A DSML tag starts the tool-call block (the blank
 # line the encoder puts before it is layout, not content); every other special string is
 # markup the user must never see.
-_TOOLS_MARKERS = (f"\n\n{_TAG_OPEN}", _TAG_OPEN, _TAG_CLOSE)
+_TOOLS_MARKERS = (*(f"\n\n{start}" for start in _TAG_STARTS), *_TAG_STARTS)
 _TEXT_MARKERS = (*_TOOLS_MARKERS, *SPECIAL_STRINGS)
 _MAX_MARKER = max(len(m) for m in _TEXT_MARKERS)
-_INVOKE_RE = re.compile(rf'<{DSML}invoke\s+name="(.*)"\s*>', re.DOTALL)
-_PARAMETER_RE = re.compile(rf'<{DSML}parameter\s+name="(.*?)"(?:\s+string="(.*?)")?\s*>',
-                           re.DOTALL)
+# What ends a parameter value: the next DSML tag (its own close tag, normally) or EOS.
+_VALUE_ENDS = (*_TAG_STARTS, EOS)
+_MAX_VALUE_END = max(len(m) for m in _VALUE_ENDS)
+_TAG_RE = re.compile(r"<\s*(/?)\s*[｜|]DSML[｜|]\s*(tool_calls|invoke|parameter)\b(.*)>",
+                     re.DOTALL)
+_ATTRIBUTE_RE = re.compile(r'\s*(\w+)\s*=\s*"(.*?)"', re.DOTALL)
+# The spelling the encoder writes; any other accepted spelling is repaired and reported.
+_CANONICAL_TAG_RE = re.compile(rf'</?{DSML}(tool_calls|invoke|parameter)'
+                               r'( name="[^"]*"( string="[^"]*")?)?>', re.DOTALL)
 _SPACE = " \t\r\n"
 _MAX_TAG = 1024
 
@@ -784,13 +794,20 @@ def _first_marker(text: str) -> tuple[int, str] | None:
     return best
 
 
-def _undecided_from(text: str) -> int:
+def _undecided_from(text: str, markers: tuple[str, ...] = _TEXT_MARKERS,
+                    longest: int = _MAX_MARKER) -> int:
     """Where the suffix of `text` that could still grow into a marker begins (len if none)."""
-    for start in range(max(0, len(text) - _MAX_MARKER + 1), len(text)):
+    for start in range(max(0, len(text) - longest + 1), len(text)):
         tail = text[start:]
-        if any(marker.startswith(tail) for marker in _TEXT_MARKERS):
+        if any(marker.startswith(tail) for marker in markers):
             return start
     return len(text)
+
+
+def _first_of(text: str, markers: tuple[str, ...], start: int = 0) -> int:
+    """Index of the earliest of `markers` in `text[start:]`, -1 if none."""
+    hits = [at for marker in markers if (at := text.find(marker, start)) != -1]
+    return min(hits, default=-1)
 
 
 def _tag_end(text: str) -> int:
@@ -805,15 +822,40 @@ def _tag_end(text: str) -> int:
     return -1
 
 
+def _parse_tag(tag: str) -> tuple[bool, str, dict[str, str]] | None:
+    """(closing, kind, attributes) of a DSML tag in any of the spellings read; None if it is
+    not one of tool_calls, invoke, parameter."""
+    match = _TAG_RE.fullmatch(tag)
+    if match is None:
+        return None
+    attributes = dict(_ATTRIBUTE_RE.findall(match.group(3)))
+    return match.group(1) == "/", match.group(2), attributes
+
+
+@dataclass
+class _OpenInvoke:
+    name: str
+    arguments: dict = field(default_factory=dict)
+    raw: list[str] = field(default_factory=list)  # the text it was read from
+    parameter: tuple[str, str | None, str] | None = None  # read, waiting for its close tag
+
+
 class StreamParser:
     """Incremental parser of a V4 completion: feed text deltas, get message deltas.
 
-    Events: {"reasoning_content": str}, {"content": str} and {"tool_call": {"id", "type",
-    "function": {"name", "arguments"}}} (the n-th tool_call event is call index n). Text is
-    emitted as soon as it cannot be part of a marker; a tool call once its `</｜DSML｜invoke>` has
-    arrived, with complete arguments. Everything after EOS is ignored. `problems` lists what
-    was malformed (stray special tokens, broken or truncated tool calls, unclosed `<think>`);
-    `finished` says whether EOS was seen.
+    Events: {"reasoning_content": str}, {"content": str}, {"tool_call": {"id", "type",
+    "function": {"name", "arguments"}}} (the n-th tool_call event is call index n) and
+    {"unparsed": str}: text of a tool-call block that could not become a call (a nameless or
+    cut-off invoke, an unknown tag, loose text), never put in content by the parser; the server
+    shows it to the client. Text is emitted as soon as it cannot be part of a marker; a tool call
+    once its invoke is over, with complete arguments that are valid JSON.
+
+    The parser fails closed: no markup ever reaches reasoning, content or arguments, and every
+    invoke becomes a call or is reported. Repaired on the way, each noted in `problems`: a
+    missing `</｜DSML｜parameter>` or `</｜DSML｜invoke>` (the next tag, `</｜DSML｜tool_calls>`,
+    EOS or the end closes it), an ASCII "|" for "｜" or spaces in tags, tool calls opened before
+    `</think>`, a non-JSON value of a string="false" parameter (kept as a string). Everything
+    after EOS is ignored; `finished` says whether EOS was seen.
     """
 
     def __init__(self, *, thinking: bool, call_id_prefix: str = "call_") -> None:
@@ -824,10 +866,10 @@ class StreamParser:
         self._call_id_prefix = call_id_prefix
         self._calls = 0
         self._in_block = False
-        self._invoke: tuple[str, dict] | None = None  # the open invoke: name, arguments
+        self._invoke: _OpenInvoke | None = None
         self._after_tools = False  # a tool_calls block just closed: only EOS should follow
         # An open parameter value (possibly a whole file) is collected here, not re-scanned on
-        # every delta, until its closing tag can be in the text: linear time, not quadratic.
+        # every delta, until something that ends it can be in the text: linear, not quadratic.
         self._value_parts: list[str] = []
         self._value_tail = ""  # the last characters of those parts
         self.problems: list[str] = []
@@ -840,8 +882,8 @@ class StreamParser:
         if self._value_parts:
             window = self._value_tail + delta
             self._value_parts.append(delta)
-            self._value_tail = window[-len(PARAMETER_CLOSE):]
-            if PARAMETER_CLOSE not in window:
+            self._value_tail = window[-_MAX_VALUE_END:]
+            if _first_of(window, _VALUE_ENDS) == -1:
                 return []
             self._buffer, self._value_parts = "".join(self._value_parts), []
         else:
@@ -849,14 +891,22 @@ class StreamParser:
         self._advance(final=False)
         return self._take_events()
 
-    def finish(self) -> list[dict]:
-        """End of the completion: flush held-back text, drop unfinished tool calls."""
+    def finish(self, *, cut_off: bool = False) -> list[dict]:
+        """End of the completion: flush held-back text and settle an open tool call.
+
+        cut_off: the generation was stopped by a length limit, so an invoke still open at the
+        end is incomplete and is dropped (reported), never returned as a call.
+        """
         self._buffer, self._value_parts = "".join(self._value_parts) + self._buffer, []
         self._advance(final=True)
         if self._phase == "reasoning":
             self._problem("the reasoning was never closed with </think>")
-        elif self._phase == "tools" and self._in_block:
-            self._problem(f"the tool_calls block was never closed with {TOOL_CALLS_CLOSE}")
+        elif self._phase == "tools":
+            if self._invoke is not None and cut_off:
+                self._drop_invoke("was cut off by the length limit")
+            if self._in_block:
+                self._problem(f"the tool_calls block was never closed with {TOOL_CALLS_CLOSE}")
+            self._close_block(by="the end of the completion")
         self._phase = "done"
         return self._take_events()
 
@@ -869,17 +919,29 @@ class StreamParser:
         if text not in self.problems:
             self.problems.append(text)
 
+    def _add_event(self, key: str, text: str) -> None:
+        if not text:
+            return
+        if self._events and key in self._events[-1]:
+            self._events[-1] = {key: self._events[-1][key] + text}
+        else:
+            self._events.append({key: text})
+
     def _emit_text(self, text: str) -> None:
         if not text:
             return
         if self._after_tools:
             self._problem("text after the tool calls was kept as content")
             self._after_tools = False
-        key = "reasoning_content" if self._phase == "reasoning" else "content"
-        if self._events and key in self._events[-1]:
-            self._events[-1] = {key: self._events[-1][key] + text}
-        else:
-            self._events.append({key: text})
+        self._add_event("reasoning_content" if self._phase == "reasoning" else "content", text)
+
+    def _consume(self, count: int) -> str:
+        """Take `count` characters of the tool-call block off the buffer, noting them as the
+        raw text of the open invoke."""
+        taken, self._buffer = self._buffer[:count], self._buffer[count:]
+        if self._invoke is not None:
+            self._invoke.raw.append(taken)
+        return taken
 
     def _advance(self, final: bool) -> None:
         while True:
@@ -925,27 +987,37 @@ class StreamParser:
         return True
 
     def _tools_step(self, final: bool) -> bool:
-        self._buffer = self._buffer.lstrip(_SPACE)  # whitespace between tags is layout
         text = self._buffer
+        space = len(text) - len(text.lstrip(_SPACE))  # whitespace between tags is layout
+        if space:
+            self._consume(space)
+            text = self._buffer
         if not text:
             return False
         if text.startswith(EOS):
             self._buffer = text[len(EOS):]
-            self._close_block(reason="the end-of-sentence token")
+            self._close_block(by="the end-of-sentence token")
             self._phase = "done"
             self.finished = True
             return True
-        if text.startswith((_TAG_OPEN, _TAG_CLOSE)):
+        if text.startswith(_TAG_STARTS):
             progressed = self._tag_step(final)
             if progressed and self._phase == "tools" and not self._in_block:
                 self._phase = self._text_phase  # a stray tag: back to the text it interrupted
             return progressed
-        if not final and any(m.startswith(text) for m in (_TAG_OPEN, _TAG_CLOSE, EOS)):
+        if not final and any(m.startswith(text) for m in (*_TAG_STARTS, EOS)):
             return False  # may still become a tag
-        self._problem("unexpected text inside the tool_calls block was dropped")
-        next_tag = text.find("<", 1)
-        self._buffer = text[next_tag:] if next_tag != -1 else ""
+        self._problem("unexpected text inside the tool_calls block was not parsed")
+        ends = (*_TAG_STARTS, EOS)
+        next_tag = _first_of(text, ends, 1)
+        if next_tag == -1:  # up to where a tag could still begin
+            next_tag = len(text) if final else _undecided_from(text, ends, _MAX_VALUE_END)
+        self._unparsed(self._consume(next_tag))
         return True
+
+    def _unparsed(self, text: str) -> None:
+        if self._invoke is None:  # inside an invoke, the invoke's raw text covers it
+            self._add_event("unparsed", text)
 
     def _tag_step(self, final: bool) -> bool:
         text = self._buffer
@@ -953,67 +1025,109 @@ class StreamParser:
         # (judged on the text alone, so every chunking agrees, and never rescanned at length).
         end = _tag_end(text[:_MAX_TAG])
         if end == -1:
-            if len(text) < _MAX_TAG:
-                if not final:
-                    return False
-                self._problem("a DSML tag cut off at the end was dropped")
-                self._buffer = ""
-                return True
-            self._problem("an overlong DSML tag was dropped")
-            self._buffer = text[len(_TAG_CLOSE if text.startswith(_TAG_CLOSE) else _TAG_OPEN):]
+            if len(text) < _MAX_TAG and not final:
+                return False
+            self._problem("a DSML tag cut off at the end was not parsed" if len(text) < _MAX_TAG
+                          else "an overlong DSML tag was not parsed")
+            opener = next(s for s in sorted(_TAG_STARTS, key=len, reverse=True)
+                          if text.startswith(s))
+            self._unparsed(self._consume(len(text) if len(text) < _MAX_TAG else len(opener)))
             return True
-        tag, rest = text[:end + 1], text[end + 1:]
-        parameter = _PARAMETER_RE.fullmatch(tag)
-        if parameter:
-            close = text.find(PARAMETER_CLOSE, end + 1)
-            if close == -1:
-                if not final:
-                    self._value_parts, self._value_tail = [text], text[-len(PARAMETER_CLOSE):]
-                    self._buffer = ""
-                    return False
-                self._problem("a truncated parameter at the end was dropped")
-                self._buffer = ""
-                return True
-            self._buffer = text[close + len(PARAMETER_CLOSE):]
-            self._add_parameter(parameter.group(1), parameter.group(2), text[end + 1:close])
+        tag = text[:end + 1]
+        parsed = _parse_tag(tag)
+        if parsed is not None and not _CANONICAL_TAG_RE.fullmatch(tag):
+            self._problem(f"the irregular DSML tag {tag[:60]!r} (an ASCII '|' or extra spaces) "
+                          "was read as a tag")
+        if parsed is not None and not parsed[0] and parsed[1] == "parameter":
+            return self._parameter_step(end, parsed[2], final)
+        settled = self._settle_parameter(
+            closed=parsed is not None and parsed[:2] == (True, "parameter"))
+        if parsed is None:
+            self._problem(f"an unknown DSML tag {tag[:60]!r} was not parsed")
+            self._unparsed(self._consume(end + 1))
             return True
-        self._buffer = rest
-        invoke = _INVOKE_RE.fullmatch(tag)
-        if tag == TOOL_CALLS_OPEN:
-            self._open_block(nested_problem=f"a nested {TOOL_CALLS_OPEN} was ignored")
-        elif tag == TOOL_CALLS_CLOSE and self._in_block:
-            self._close_block(reason=TOOL_CALLS_CLOSE)
-            self._phase = "content"  # reasoning, if it was still open, is over
-            self._after_tools = True
-        elif invoke:
-            self._open_invoke(invoke.group(1))
-        elif tag == INVOKE_CLOSE:
-            self._close_invoke()
-        else:
-            self._problem(f"an unknown or misplaced tag {tag[:60]!r} was dropped")
+        closing, kind, attributes = parsed
+        if kind == "tool_calls" and not closing:
+            self._consume(end + 1)
+            self._open_block()
+        elif kind == "tool_calls":
+            if self._in_block:
+                self._consume(end + 1)
+                self._close_block(by=TOOL_CALLS_CLOSE)
+                self._phase = "content"  # reasoning, if it was still open, is over
+                self._after_tools = True
+            else:
+                self._problem(f"a stray {TOOL_CALLS_CLOSE} was dropped")
+                self._consume(end + 1)
+        elif kind == "invoke" and not closing:
+            self._open_invoke(attributes.get("name", ""), end + 1)
+        elif kind == "invoke":
+            self._consume(end + 1)
+            if self._invoke is None:
+                self._problem(f"a stray {INVOKE_CLOSE} was dropped")
+            else:
+                self._close_invoke()
+        else:  # </parameter>
+            if not settled:
+                self._problem(f"a stray {PARAMETER_CLOSE} was dropped")
+            self._consume(end + 1)
         return True
 
-    def _open_block(self, nested_problem: str) -> None:
+    def _parameter_step(self, end: int, attributes: dict[str, str], final: bool) -> bool:
+        """A parameter tag: its value runs to the next DSML tag (its close tag, normally), EOS
+        or the end of the text."""
+        self._settle_parameter(closed=False)
+        text = self._buffer
+        stop = _first_of(text, _VALUE_ENDS, end + 1)
+        if stop == -1 and not final:
+            self._value_parts, self._value_tail = [text], text[-_MAX_VALUE_END:]
+            self._buffer = ""
+            return False
+        stop = len(text) if stop == -1 else stop
+        value = text[end + 1:stop]
+        self._consume(stop)
+        if self._invoke is None:
+            self._problem("a parameter outside an invoke was not parsed")
+            self._add_event("unparsed", text[:stop])
+            return True
+        self._invoke.parameter = (attributes.get("name", ""), attributes.get("string"), value)
+        return True
+
+    def _settle_parameter(self, closed: bool) -> bool:
+        """Add the parameter read last to the open invoke, now that the next tag shows whether
+        it was closed; False if there was none."""
+        if self._invoke is None or self._invoke.parameter is None:
+            return False
+        name, string, value = self._invoke.parameter
+        self._invoke.parameter = None
+        if not closed:
+            self._problem(f"parameter {name!r} of {self._invoke.name!r} was not closed with "
+                          f"{PARAMETER_CLOSE}: it ends at the next tag")
+            value = value.removesuffix("\n")  # the layout newline before the next tag
+        self._add_parameter(name, string, value)
+        return True
+
+    def _open_block(self) -> None:
         if self._in_block:
-            self._problem(nested_problem)
+            self._problem(f"a nested {TOOL_CALLS_OPEN} was ignored")
             return
         if self._text_phase == "reasoning":
             self._problem("tool calls began inside the reasoning, before </think>")
         self._in_block = True
 
-    def _open_invoke(self, name: str) -> None:
+    def _open_invoke(self, name: str, tag_length: int) -> None:
         if not self._in_block:
             self._problem(f"an invoke outside {TOOL_CALLS_OPEN} was accepted")
-            self._open_block(nested_problem="")
+            self._open_block()
         if self._invoke is not None:
-            self._problem(f"the unclosed invoke of {self._invoke[0]!r} was dropped")
-        self._invoke = (name, {})
+            self._problem(f"the invoke of {self._invoke.name!r} was not closed with "
+                          f"{INVOKE_CLOSE}: it ends at the next invoke")
+            self._close_invoke()
+        self._invoke = _OpenInvoke(name)
+        self._consume(tag_length)
 
     def _add_parameter(self, name: str, string: str | None, value: str) -> None:
-        if self._invoke is None:
-            self._problem("a parameter outside an invoke was dropped")
-            return
-        arguments = self._invoke[1]
+        arguments = self._invoke.arguments
         if name in arguments:
             self._problem(f"duplicate parameter {name!r}: the last value was kept")
         if string == "true":
@@ -1030,53 +1144,67 @@ class StreamParser:
             arguments[name] = value
 
     def _close_invoke(self) -> None:
-        if self._invoke is None:
-            self._problem(f"a stray {INVOKE_CLOSE} was dropped")
+        self._settle_parameter(closed=False)
+        invoke, self._invoke = self._invoke, None
+        if not invoke.name.strip() or any(c in invoke.name for c in '<>"\n'):
+            self._problem(f"an invoke with the invalid tool name {invoke.name!r} was not parsed")
+            self._add_event("unparsed", "".join(invoke.raw))
             return
-        name, arguments = self._invoke
-        self._invoke = None
         self._events.append({"tool_call": {
             "id": f"{self._call_id_prefix}{self._calls}",
             "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+            "function": {"name": invoke.name,
+                         "arguments": json.dumps(invoke.arguments, ensure_ascii=False)},
         }})
         self._calls += 1
 
-    def _close_block(self, reason: str) -> None:
+    def _drop_invoke(self, why: str) -> None:
+        invoke, self._invoke = self._invoke, None
+        self._problem(f"the invoke of {invoke.name!r} {why} and was not returned")
+        self._add_event("unparsed", "".join(invoke.raw))
+
+    def _close_block(self, by: str) -> None:
         if self._invoke is not None:
-            self._problem(f"the invoke of {self._invoke[0]!r} was cut off by {reason} and "
-                          "dropped")
-            self._invoke = None
+            self._problem(f"the invoke of {self._invoke.name!r} was not closed with "
+                          f"{INVOKE_CLOSE}: it ends at {by}")
+            self._close_invoke()
         self._in_block = False
 
 
-def collect_events(events: list[dict], *, thinking: bool) -> dict:
-    """Fold parser events into one OpenAI assistant message."""
+def collect_events(events: list[dict], *, thinking: bool,
+                   problems: list[str] | None = None) -> dict:
+    """Fold parser events into one OpenAI assistant message with its `problems` (the parser's
+    list; empty for well-formed text). "unparsed" events are not content: they are reported."""
     reasoning, content, calls = [], [], []
     for event in events:
         if "reasoning_content" in event:
             reasoning.append(event["reasoning_content"])
         elif "content" in event:
             content.append(event["content"])
-        else:
+        elif "tool_call" in event:
             calls.append(event["tool_call"])
     return {"role": "assistant", "content": "".join(content),
-            "reasoning_content": "".join(reasoning) if thinking else None, "tool_calls": calls}
+            "reasoning_content": "".join(reasoning) if thinking else None, "tool_calls": calls,
+            "problems": list(problems or [])}
 
 
 def parse_completion(text: str, *, thinking: bool, strict: bool = False,
-                     call_id_prefix: str = "call_") -> dict:
+                     call_id_prefix: str = "call_", cut_off: bool = False) -> dict:
     """Completion text (what the model generated after the prompt, EOS optional) -> message.
 
     Returns {"role": "assistant", "content": str, "reasoning_content": str (think mode) or None,
-    "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON string}}]}.
-    string="true" parameters become strings, the others are JSON-decoded. Malformed output is
-    repaired as `StreamParser` does; with strict=True it raises ValueError listing the problems.
+    "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON string}}],
+    "problems": [str]}. string="true" parameters become strings, the others are JSON-decoded.
+    No DSML markup is ever in content, reasoning or arguments: malformed output is repaired or
+    left out as `StreamParser` does, and every repair or omission is listed in `problems`
+    (empty when the text was well formed); with strict=True it raises ValueError instead.
+    cut_off: the text was stopped by a length limit, so a tool call still open at its end is
+    incomplete: it is reported, not returned.
     """
     if not isinstance(text, str):
         raise TypeError(f"text: expected str, got {type(text).__name__}")
     parser = StreamParser(thinking=thinking, call_id_prefix=call_id_prefix)
-    events = parser.feed(text) + parser.finish()
+    events = parser.feed(text) + parser.finish(cut_off=cut_off)
     if strict and parser.problems:
         raise ValueError("malformed completion: " + "; ".join(parser.problems))
-    return collect_events(events, thinking=thinking)
+    return collect_events(events, thinking=thinking, problems=parser.problems)

@@ -392,7 +392,8 @@ def test_parse_the_official_fixture_turns() -> None:
 
 def test_parse_non_think_and_missing_eos() -> None:
     assert parse_completion("Paris.", thinking=False) == {
-        "role": "assistant", "content": "Paris.", "reasoning_content": None, "tool_calls": []}
+        "role": "assistant", "content": "Paris.", "reasoning_content": None, "tool_calls": [],
+        "problems": []}
     assert parse_completion(f"hm</think>Paris.{EOS}", thinking=True)["content"] == "Paris."
     ids = parse_completion(f"{WEATHER_CALL}{EOS}", thinking=False, call_id_prefix="call_r7_")
     assert ids["tool_calls"][0]["id"] == "call_r7_0"
@@ -475,7 +476,8 @@ def _stream(text: str, cuts: list[int], thinking: bool) -> tuple[dict, list[dict
     for start, end in zip([0, *cuts], [*cuts, len(text)]):
         events += parser.feed(text[start:end])
     events += parser.finish()
-    return chat.collect_events(events, thinking=thinking), events, parser.problems
+    message = chat.collect_events(events, thinking=thinking, problems=parser.problems)
+    return message, events, parser.problems
 
 
 def _completions() -> list[tuple[str, bool]]:
@@ -587,8 +589,15 @@ def test_malformed_output_is_repaired_and_reported() -> None:
     cut_tag = parse_completion(MALFORMED[1][0], thinking=True)
     assert cut_tag["content"] == "partial answer " and cut_tag["tool_calls"] == []
 
-    cut = parse_completion(MALFORMED[2][0], thinking=False)
-    assert cut["content"] == "ok" and cut["tool_calls"] == []  # never a half-read call
+    # A call whose closing tags never came: read to the end, unless the text was cut off by a
+    # length limit (then it may be half written: reported, never returned).
+    ended = parse_completion(MALFORMED[2][0], thinking=False)
+    assert ended["content"] == "ok" and json.loads(
+        ended["tool_calls"][0]["function"]["arguments"]) == {"q": "abc"}
+    assert any("was not closed" in problem for problem in ended["problems"])
+    cut = parse_completion(MALFORMED[2][0], thinking=False, cut_off=True)
+    assert cut["content"] == "ok" and cut["tool_calls"] == []
+    assert "the invoke of 'search' was cut off by the length limit" in cut["problems"][0]
 
     repaired = parse_completion(MALFORMED[4][0], thinking=False)
     assert repaired["content"] == "xtrailing text"
@@ -598,7 +607,7 @@ def test_malformed_output_is_repaired_and_reported() -> None:
         parse_completion(MALFORMED[4][0], thinking=False, strict=True)
 
     nested = parse_completion(MALFORMED[5][0], thinking=False)
-    assert [c["function"]["name"] for c in nested["tool_calls"]] == ["b"]
+    assert [c["function"]["name"] for c in nested["tool_calls"]] == ["a", "b"]
 
     in_reasoning = parse_completion(MALFORMED[7][0], thinking=True)
     assert in_reasoning["reasoning_content"] == "reasoning that calls a tool directly"
