@@ -868,6 +868,8 @@ class StreamParser:
         self._in_block = False
         self._invoke: _OpenInvoke | None = None
         self._after_tools = False  # a tool_calls block just closed: only EOS should follow
+        self._loose = False  # inside text of the block that is not a tag (see _loose_text)
+        self._loose_space = ""
         # An open parameter value (possibly a whole file) is collected here, not re-scanned on
         # every delta, until something that ends it can be in the text: linear, not quadratic.
         self._value_parts: list[str] = []
@@ -989,11 +991,13 @@ class StreamParser:
     def _tools_step(self, final: bool) -> bool:
         text = self._buffer
         space = len(text) - len(text.lstrip(_SPACE))  # whitespace between tags is layout
-        if space:
+        if space and not self._loose:
             self._consume(space)
             text = self._buffer
         if not text:
             return False
+        if text.startswith((EOS, *_TAG_STARTS)):
+            self._loose, self._loose_space = False, ""
         if text.startswith(EOS):
             self._buffer = text[len(EOS):]
             self._close_block(by="the end-of-sentence token")
@@ -1012,8 +1016,20 @@ class StreamParser:
         next_tag = _first_of(text, ends, 1)
         if next_tag == -1:  # up to where a tag could still begin
             next_tag = len(text) if final else _undecided_from(text, ends, _MAX_VALUE_END)
-        self._unparsed(self._consume(next_tag))
+        self._loose_text(self._consume(next_tag))
         return True
+
+    def _loose_text(self, text: str) -> None:
+        # Loose text runs to the next tag; its trailing whitespace is held until more text
+        # shows it is inside the run (layout before a tag is not part of it), so every
+        # chunking yields the same unparsed text.
+        self._loose = True
+        body = text.rstrip(_SPACE)
+        if body:
+            self._unparsed(self._loose_space + body)
+            self._loose_space = text[len(body):]
+        else:
+            self._loose_space += text
 
     def _unparsed(self, text: str) -> None:
         if self._invoke is None:  # inside an invoke, the invoke's raw text covers it
@@ -1027,11 +1043,14 @@ class StreamParser:
         if end == -1:
             if len(text) < _MAX_TAG and not final:
                 return False
-            self._problem("a DSML tag cut off at the end was not parsed" if len(text) < _MAX_TAG
-                          else "an overlong DSML tag was not parsed")
-            opener = next(s for s in sorted(_TAG_STARTS, key=len, reverse=True)
-                          if text.startswith(s))
-            self._unparsed(self._consume(len(text) if len(text) < _MAX_TAG else len(opener)))
+            if len(text) < _MAX_TAG:
+                self._problem("a DSML tag cut off at the end was not parsed")
+                self._unparsed(self._consume(len(text)))
+                return True
+            # The tag as far as it was read (up to the next tag), then text goes on.
+            self._problem("an overlong DSML tag was not parsed")
+            next_tag = _first_of(text[:_MAX_TAG], (*_TAG_STARTS, EOS), 1)
+            self._unparsed(self._consume(_MAX_TAG if next_tag == -1 else next_tag))
             return True
         tag = text[:end + 1]
         parsed = _parse_tag(tag)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -627,3 +628,115 @@ def test_malformed_output_is_repaired_and_reported() -> None:
 def test_parser_rejects_non_text() -> None:
     with pytest.raises(TypeError, match="delta: expected str"):
         StreamParser(thinking=False).feed(None)  # type: ignore[arg-type]
+
+
+# ---- malformed tool calls: fail closed -----------------------------------------------------
+D = "｜DSML｜"
+PARAM_Q = f'<{D}parameter name="q" string="true">'
+MALFORMED_CALLS = {
+    # name: (completion, thinking, names of the calls that must come back, their arguments)
+    "missing </parameter> before the next invoke": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x\n</{D}invoke>\n<{D}invoke name="g">'
+        f'\n{PARAM_Q}y</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>{EOS}', False,
+        [("f", {"q": "x"}), ("g", {"q": "y"})]),
+    "missing </parameter> before the next parameter": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x\n'
+        f'<{D}parameter name="n" string="false">3</{D}parameter>\n</{D}invoke>\n'
+        f'</{D}tool_calls>', False, [("f", {"q": "x", "n": 3})]),
+    "missing </invoke> before </tool_calls>": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x</{D}parameter>\n</{D}tool_calls>'
+        f'{EOS}', False, [("f", {"q": "x"})]),
+    "missing every closing tag before EOS": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x{EOS}', False, [("f", {"q": "x"})]),
+    "ASCII bars": (
+        '<|DSML|tool_calls>\n<|DSML|invoke name="f">\n<|DSML|parameter name="q" string="true">'
+        'x</|DSML|parameter>\n</|DSML|invoke>\n</|DSML|tool_calls>', False, [("f", {"q": "x"})]),
+    "ASCII and fullwidth bars mixed": (
+        f'\n\n<|DSML|tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x</|DSML|parameter>\n'
+        f'</{D}invoke>\n</|DSML|tool_calls>', False, [("f", {"q": "x"})]),
+    "extra spaces in tags": (
+        f'<{D}tool_calls >\n<{D}invoke  name = "f" >\n<{D}parameter name="q"  string="true" >'
+        f'x</{D}parameter >\n< /{D}invoke>\n</ {D}tool_calls>', False, [("f", {"q": "x"})]),
+    "a tool call opened before </think>": (
+        f'I will call f.\n\n<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x</{D}parameter>\n'
+        f'</{D}invoke>\n</{D}tool_calls>', True, [("f", {"q": "x"})]),
+    "an ASCII tool call inside the reasoning": (
+        f'plan <|DSML|invoke name="f">\n{PARAM_Q}x</{D}parameter>\n</|DSML|invoke></think>ok',
+        True, [("f", {"q": "x"})]),
+    "a non-JSON value for string=false": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="n" string="false">'
+        f'{{bad</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>', False, [("f", {"n": "{bad"})]),
+    "an invoke without a name": (
+        f'<{D}tool_calls>\n<{D}invoke>\n{PARAM_Q}x</{D}parameter>\n</{D}invoke>\n'
+        f'<{D}invoke name="g">\n</{D}invoke>\n</{D}tool_calls>', False, [("g", {})]),
+    "an unknown tag and loose text in the block": (
+        f'<{D}tool_calls>\nsure!\n<{D}call name="f">\n<{D}invoke name="g">\n</{D}invoke>\n'
+        f'</{D}tool_calls>', False, [("g", {})]),
+    "content, then calls with missing closes, then EOS": (
+        f'Checking.\n\n<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x\n<{D}invoke name="g">\n'
+        f'<{D}parameter name="o" string="false">{{"k": [1, {{"d": null}}]}}{EOS}', False,
+        [("f", {"q": "x"}), ("g", {"o": {"k": [1, {"d": None}]}})]),
+}
+_INVOKE_OPENER = re.compile(r"<\s*[｜|]DSML[｜|]\s*invoke\b")
+
+
+def _strings_in(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *_strings_in(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings_in(item)]
+    return []
+
+
+def _assert_fails_closed(text: str, message: dict, unparsed: str) -> None:
+    texts = [message["content"], message["reasoning_content"] or ""]
+    for call in message["tool_calls"]:
+        arguments = json.loads(call["function"]["arguments"])  # always valid JSON
+        assert isinstance(arguments, dict)
+        texts += _strings_in(arguments)
+    for piece in texts:
+        assert "DSML" not in piece and not any(s in piece for s in chat.SPECIAL_STRINGS), piece
+    openers = len(_INVOKE_OPENER.findall(text))
+    returned = len(message["tool_calls"])
+    assert returned + len(_INVOKE_OPENER.findall(unparsed)) >= openers
+    if returned < openers:
+        assert message["problems"]
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_CALLS))
+def test_malformed_tool_calls_are_recovered_and_reported(name: str) -> None:
+    text, thinking, expected = MALFORMED_CALLS[name]
+    message, events, problems = _stream(text, [], thinking)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in message["tool_calls"]]
+    assert calls == expected
+    assert problems and message["problems"] == problems
+    unparsed = "".join(e.get("unparsed", "") for e in events)
+    _assert_fails_closed(text, message, unparsed)
+    assert parse_completion(text, thinking=thinking) == message
+    rng = random.Random(name)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, min(12, len(text) - 1))))
+        again, again_events, _ = _stream(text, cuts, thinking)
+        assert again == message, cuts
+        assert "".join(e.get("unparsed", "") for e in again_events) == unparsed, cuts
+
+
+def test_the_invoke_without_a_name_is_returned_as_unparsed_text() -> None:
+    text = MALFORMED_CALLS["an invoke without a name"][0]
+    _, events, problems = _stream(text, [], False)
+    unparsed = "".join(e.get("unparsed", "") for e in events)
+    assert unparsed == f'<{D}invoke>\n{PARAM_Q}x</{D}parameter>\n</{D}invoke>'
+    assert "an invoke with the invalid tool name '' was not parsed" in problems
+
+
+@pytest.mark.parametrize("case", range(len(_completions())))
+def test_every_completion_fails_closed(case: int) -> None:
+    text, thinking = _completions()[case]
+    for cut_off in (False, True):
+        parser = StreamParser(thinking=thinking)
+        events = parser.feed(text) + parser.finish(cut_off=cut_off)
+        message = chat.collect_events(events, thinking=thinking, problems=parser.problems)
+        _assert_fails_closed(text, message, "".join(e.get("unparsed", "") for e in events))
