@@ -1,32 +1,45 @@
-"""The DeepSeek-V4 chat encoding and the parser back from completion text (spec training.md §6).
+"""The DeepSeek-V4 chat encodings and the parser back from completion text (spec training.md §6).
 
-V4 ships no Jinja template: its official Python encoder (`encoding_dsv4.py`) is the reference,
-and `encode_chat` reproduces its layout byte for byte from OpenAI-format messages:
+V4 ships no Jinja template. Two encodings, chosen by name (`ENCODINGS`):
 
-    BOS [Think-Max instruction] system text ["\\n\\n## Tools ..."]
+- "v4" (the default): DeepSeek's current official V4 encoding, byte for byte what DeepSeek's
+  `deepseek-recipe` package renders (tests compare prompts, special-token positions and token
+  ids with the real tokenizer). Think mode adds a reasoning-effort instruction after BOS
+  (`_effort_prefix`); system and developer messages are one system text, first; tool schemas
+  are normalised to name/description/parameters; tool calls whose arguments are not a JSON
+  object are written as one `arguments` parameter; `latest_reminder` messages and OpenAI's
+  `response_format` have their official sections.
+- "v4-preview": the April preview encoder (`encoding_dsv4.py`), as dsv4 rendered it before.
+
+    BOS [effort instruction] system text ["\n\n## Tools ..."]
     <｜User｜>user text<｜Assistant｜><think>reasoning</think>answer
-    \\n\\n<｜DSML｜tool_calls> ... </｜DSML｜tool_calls><｜end▁of▁sentence｜>
+    \n\n<｜DSML｜tool_calls> ... </｜DSML｜tool_calls><｜end▁of▁sentence｜>
     <｜User｜><tool_result>...</tool_result><｜Assistant｜><think>
 
+A prompt is laid out as `Piece`s: markup (exactly one special token each) and plain text.
+`encode_chat` joins them into a string; `encode_chat_ids` tokenizes markup as its id and all
+other text with the tokenizer's `encode_plain`, so text in a message that spells `<｜User｜>`,
+`</think>` or EOS stays text: no control-token injection. Every prompt of the project (server,
+chat CLI, eval, SFT, post-training) is built that way.
+
 `parse_completion` and `StreamParser` read what the model generated after such a prompt back into
-an OpenAI assistant message: `reasoning_content`, `content` and `tool_calls`. Both are the same
-state machine, so a stream cut at any point yields exactly the non-streaming result, and text
-that could still turn into markup is held back until it is resolved, so no marker ever leaks.
-The parser is lenient (it never raises on model output unless asked to with `strict=True`) and
-records what it had to repair in `StreamParser.problems`.
+an OpenAI assistant message: `reasoning_content`, `content`, `tool_calls` and `problems`. Both
+are the same state machine, so a stream cut at any point yields exactly the non-streaming
+result, and text that could still turn into markup is held back until it is resolved, so no
+marker ever leaks. The parser fails closed (see `StreamParser`): malformed tool calls are
+repaired or reported, never silently dropped, and never leave markup in the message.
 
-Where this differs from the official encoder, it is stricter, never different in layout: bad
-input that the official code would render into a malformed prompt (an unknown role, a tool result
-matching no call, an assistant turn not following a user turn, arguments that are not a JSON
-object) raises ValueError naming the message index and field. OpenAI content parts are joined
-with blank lines, as the official encoder joins content blocks. Not supported: the internal
-`latest_reminder` role, quick-instruction `task` tokens, `response_format`, and continuing a
-partial assistant message. Tool argument names containing `"` or `>`, and text containing the
+Where this differs from the official encoder, it is stricter: bad input that the official code
+would render into a malformed prompt (an unknown role, a tool result matching no call, an
+assistant turn not following a user turn, a conversation ending with a complete assistant
+message) raises ValueError naming the message index and field. OpenAI content parts are joined
+with blank lines, as the official encoder joins content blocks. Not supported: quick-instruction
+`task` tokens, images. Tool argument names containing `"` or `>`, and text containing the
 markers themselves inside assistant content, reasoning or string arguments, cannot round-trip
-(the official format has no escaping).
+through the parser (the official format has no escaping).
 
-This module is pure string handling: no torch, no tokenizer. The marker strings below must match
-`dsv4.tokenizer.SPECIAL_TOKENS` (a test checks it).
+This module is pure string handling: no torch, no tokenizer import. The marker strings below
+must match `dsv4.tokenizer.SPECIAL_TOKENS` (a test checks it).
 """
 
 from __future__ import annotations

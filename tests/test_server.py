@@ -482,3 +482,21 @@ def test_the_official_tokenizer_gets_the_official_prompt_ids() -> None:
     assert out.usage.prompt_tokens == len(official)
     assert getattr(out.choices[0].message, "reasoning_content", None) == parse_completion(
         want, thinking=True)["reasoning_content"]
+
+
+def test_response_format_prefix_completion_and_a_finished_conversation(live, tokenizer) -> None:
+    client = live.client()
+    question = [{"role": "user", "content": "Answer in JSON: 2+2?"}]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=question, max_tokens=2,
+                                         temperature=0, response_format={"type": "json_object"})
+    assert out.usage.prompt_tokens == len(encode_chat_ids(
+        tokenizer, question, response_format={"type": "json_object"}))
+    prefix = [*question, {"role": "assistant", "content": "{\"answer\": ", "prefix": True}]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=prefix, max_tokens=2,
+                                         temperature=0)
+    assert out.usage.prompt_tokens == len(encode_chat_ids(tokenizer, prefix))
+    finished = [*question, {"role": "assistant", "content": "4"}]
+    status, body = http("POST", f"{live.url}/v1/chat/completions", json.dumps(
+        {"model": MODEL_NAME, "messages": finished}).encode())
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert "ends with an assistant message" in body["error"]["message"]
