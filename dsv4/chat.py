@@ -199,11 +199,13 @@ class _Turn:
     response_format: str = ""  # system: the response-format section, after the tools
 
 
-def _to_json(value: Any, where: str) -> str:
+def _to_json(value: Any, where: str, encoding: str = "v4") -> str:
     """JSON as the official encoder writes it: ", " and ": " separators, non-ASCII kept, keys in
-    their given order, and floats in shortest form with the official exponent style (1.5e-7 and
-    0.00001, where Python writes 1.5e-07 and 1e-05)."""
+    their given order, and (V4) floats in shortest form with the official exponent style
+    (1.5e-7 and 0.00001, where Python, and so the preview encoder, writes 1.5e-07 and 1e-05)."""
     try:
+        if encoding != "v4":
+            return json.dumps(value, ensure_ascii=False)
         return _json_text(value)
     except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{where}: not JSON-serializable ({err})") from None
@@ -546,7 +548,7 @@ def _render_tool_calls(out: _PromptBuilder, calls: list[tuple[str, dict | str]],
             out.template(f'<{DSML}parameter name="')
             out.text(key)
             out.template(f'" string="{str(is_string).lower()}">')
-            out.text(value if is_string else _to_json(value, key))
+            out.text(value if is_string else _to_json(value, key, encoding))
             out.template(PARAMETER_CLOSE)
             if encoding == "v4":
                 out.template("\n")
@@ -556,12 +558,12 @@ def _render_tool_calls(out: _PromptBuilder, calls: list[tuple[str, dict | str]],
     out.template(f"\n{TOOL_CALLS_CLOSE}")
 
 
-def _render_system(out: _PromptBuilder, turn: _Turn) -> None:
+def _render_system(out: _PromptBuilder, turn: _Turn, encoding: str) -> None:
     out.text(turn.text)
     if turn.tools:  # one JSON schema per line; the schemas are user text
         head, _, tail = TOOLS_SECTION.partition("{schemas}")
         out.template("\n\n" + head)
-        out.text("\n".join(_to_json(function, "tools") for function in turn.tools))
+        out.text("\n".join(_to_json(function, "tools", encoding) for function in turn.tools))
         out.template(tail)
     if turn.response_format.startswith(JSON_SCHEMA_SECTION):  # the schema is user text
         out.template(JSON_SCHEMA_SECTION)
@@ -573,10 +575,10 @@ def _render_system(out: _PromptBuilder, turn: _Turn) -> None:
 def _render_turn(out: _PromptBuilder, turn: _Turn, keep_reasoning: bool, thinking: bool,
                  encoding: str) -> None:
     if turn.role == "system":
-        _render_system(out, turn)
+        _render_system(out, turn, encoding)
     elif turn.role == "developer":
         out.markup(USER)
-        _render_system(out, turn)
+        _render_system(out, turn, encoding)
     elif turn.role == "latest_reminder":
         out.markup(LATEST_REMINDER)
         out.text(turn.text)

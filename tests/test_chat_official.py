@@ -185,3 +185,7 @@ def test_preview_encoding_keeps_its_layout() -> None:
     assert preview.startswith("<｜begin▁of▁sentence｜>\n\n## Tools")
     assert json.dumps(WEATHER["function"]["parameters"], ensure_ascii=False) in encode_chat(
         [user("a")], tools=[WEATHER], encoding="v4-preview")
+    # The preview encoder was Python: its JSON numbers are Python's.
+    floats = [user("x"), assistant(None, calls=[call("f", "now", {"x": 1.5e-7})]), tool("f", "")]
+    assert '">1.5e-07</' in encode_chat(floats, encoding="v4-preview")
+    assert '">1.5e-7</' in encode_chat(floats)
