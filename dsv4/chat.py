@@ -584,7 +584,10 @@ def _render_turn(out: _PromptBuilder, turn: _Turn, keep_reasoning: bool, thinkin
         out.text(turn.text)
     elif turn.role == "user":
         out.markup(USER)
-        for k, (block, is_result) in enumerate(zip(turn.blocks, turn.is_result)):
+        blocks = list(zip(turn.blocks, turn.is_result))
+        if encoding == "v4":
+            blocks = _official_user_blocks(blocks)
+        for k, (block, is_result) in enumerate(blocks):
             out.text("\n\n" if k else "")
             if is_result:
                 out.template("<tool_result>")
@@ -609,6 +612,16 @@ def _render_turn(out: _PromptBuilder, turn: _Turn, keep_reasoning: bool, thinkin
             _render_tool_calls(out, turn.calls, encoding)
         out.markup(EOS)
         out.generated = False
+
+
+def _official_user_blocks(blocks: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """V4's user turn: the tool results, then the user messages' text as one block (the
+    non-empty ones joined by blank lines; present, even empty, if there was a user message)."""
+    results = [(block, True) for block, is_result in blocks if is_result]
+    texts = [block for block, is_result in blocks if not is_result]
+    if not texts:
+        return results
+    return [*results, ("\n\n".join(text for text in texts if text), False)]
 
 
 def _effort_prefix(thinking: bool, reasoning_effort: str | None, encoding: str) -> str:

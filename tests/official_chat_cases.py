@@ -137,6 +137,9 @@ CONVERSATIONS: dict[str, dict] = {
     "prefix completion with reasoning": {"messages": [
         user("Count."), assistant("1", reasoning="Start at one.", prefix=True)]},
     "empty texts": {"messages": [user(""), assistant("", reasoning=""), user("")]},
+    "empty user messages beside tool results and text": {"messages": [
+        user("a"), user(""), user("b"), assistant(None, calls=[call("r", "now", "{}")]),
+        tool("r", ""), user(""), user("")], "tools": [NO_PARAMS]},
 }
 
 # (thinking, reasoning_effort): non-think and think at every effort level.

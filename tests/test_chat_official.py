@@ -3,13 +3,15 @@
 injection that tokenizing a rendered prompt as one string would allow.
 
 The conversations are in official_chat_cases.py; each is rendered in non-think mode and in think
-mode at every reasoning effort.
+mode at every reasoning effort; a seeded generator adds 300 random conversations (markup-laden
+unicode text, random JSON arguments, empty messages, reminders, late system messages).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from importlib import resources
 
 import pytest
@@ -20,6 +22,7 @@ from tests.official_chat_cases import (
     CONVERSATIONS,
     INJECTION,
     MODES,
+    NESTED,
     NO_PARAMS,
     WEATHER,
     assistant,
@@ -189,3 +192,96 @@ def test_preview_encoding_keeps_its_layout() -> None:
     floats = [user("x"), assistant(None, calls=[call("f", "now", {"x": 1.5e-7})]), tool("f", "")]
     assert '">1.5e-07</' in encode_chat(floats, encoding="v4-preview")
     assert '">1.5e-7</' in encode_chat(floats)
+
+
+# ---- random conversations ----------------------------------------------------------------------
+PIECES = ["a", "b", " ", "\n", "\n\n", "\t", "\r\n", "é", "日本", "🙂", "<", ">", '"', "\\", "{",
+          "}", "｜", "▁", "\u200b", "##", "0", "1.5", "null", "<｜User｜>", "</think>", "<think>",
+          "<｜end▁of▁sentence｜>", "｜DSML｜", '<｜DSML｜invoke name="x">', "<tool_result>",
+          "Reasoning Effort:"]
+
+
+def _random_text(rng: random.Random, n: int | None = None) -> str:
+    return "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 8) if n is None else n))
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randint(0, 7 if depth < 2 else 4)
+    if kind == 0:
+        return _random_text(rng)
+    if kind == 1:
+        return rng.randint(-10**6, 10**6)
+    if kind == 2:
+        return rng.uniform(-1e3, 1e3) * 10 ** rng.randint(-9, 20)
+    if kind == 3:
+        return rng.choice([True, False])
+    if kind == 4:
+        return None
+    if kind == 5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {f"k{i}{_random_text(rng, 1)}": _random_value(rng, depth + 1)
+            for i in range(rng.randint(0, 3))}
+
+
+def _random_assistant(rng: random.Random, next_id: list[int]) -> tuple[dict, list[dict]]:
+    calls = []
+    for _ in range(rng.randint(1, 3) if rng.random() < 0.4 else 0):
+        next_id[0] += 1
+        arguments = {f"p{j}{_random_text(rng, 1)}": _random_value(rng)
+                     for j in range(rng.randint(0, 3))}
+        raw = (json.dumps(arguments) if rng.random() < 0.8
+               else rng.choice(["", "[1]", "{bad", "3"]))
+        calls.append(call(f"id{rng.randint(0, 99)}_{next_id[0]}",
+                          rng.choice(["get_weather", "now", "book-trip_v2"]), raw))
+    content = _random_text(rng) if rng.random() < 0.7 or not calls else None
+    reasoning = _random_text(rng) if rng.random() < 0.7 else None
+    results = [tool(c["id"], _random_text(rng)) for c in rng.sample(calls, len(calls))]
+    return assistant(content, reasoning=reasoning, calls=calls), results
+
+
+def _random_conversation(rng: random.Random) -> dict:
+    messages: list[dict] = []
+    next_id = [0]
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": _random_text(rng)})
+    for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.15:
+            messages.append({"role": "system", "content": _random_text(rng)})
+        if rng.random() < 0.15:
+            messages.append({"role": "latest_reminder", "content": _random_text(rng)})
+        messages.append(user(_random_text(rng) or "u"))
+        if rng.random() < 0.1:
+            messages.append(user(_random_text(rng)))
+        if rng.random() < 0.3:
+            break
+        reply, results = _random_assistant(rng, next_id)
+        messages += [reply, *results]
+        if not results or rng.random() < 0.5:
+            messages.append(user(_random_text(rng)))
+    case: dict = {"messages": messages}
+    if rng.random() < 0.5:
+        case["tools"] = rng.sample([WEATHER, NESTED, NO_PARAMS], rng.randint(1, 3))
+    if rng.random() < 0.1:
+        case["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "n", "schema": {"type": "object", "properties": {"a": _random_value(rng)}}}}
+    return case
+
+
+def test_random_conversations_equal_deepseek_recipe(tokenizer, official) -> None:
+    rng = random.Random(17)
+    compared = 0
+    for _ in range(300):
+        case = _random_conversation(rng)
+        thinking, effort = rng.choice(MODES)
+        body = json.loads(json.dumps(official_body(case, thinking, effort)))
+        try:
+            conversation = _official_conversation(body)
+        except recipe.ConversionError:
+            continue  # what the official request format refuses (e.g. a reminder first)
+        options = our_options(case, thinking, effort)
+        prompt = official.render_conversation(conversation).prompt
+        assert encode_chat(case["messages"], **options) == prompt, case
+        assert encode_chat_ids(tokenizer, case["messages"], **options) == official.encode(
+            conversation), case
+        compared += 1
+    assert compared >= 250
