@@ -691,7 +691,11 @@ def encode_chat_pieces(messages: list[dict], *, thinking: bool = False,
     return out.pieces
 
 
-def encode_chat_segments(messages: list[dict], **options: Any) -> list[tuple[str, bool]]:
+def encode_chat_segments(messages: list[dict], *, thinking: bool = False,
+                         reasoning_effort: str | None = None, tools: list[dict] | None = None,
+                         add_generation_prompt: bool = True, drop_thinking: bool = True,
+                         encoding: str = "v4", response_format: dict | None = None
+                         ) -> list[tuple[str, bool]]:
     """`encode_chat`, cut into (text, generated) pieces that concatenate to the prompt.
 
     `generated` is True for each assistant turn's text (reasoning, `</think>`, content, tool calls
@@ -699,7 +703,10 @@ def encode_chat_segments(messages: list[dict], **options: Any) -> list[tuple[str
     SFT can put its loss there and nowhere else.
     """
     merged: list[tuple[str, bool]] = []
-    for piece in encode_chat_pieces(messages, **options):
+    for piece in encode_chat_pieces(
+            messages, thinking=thinking, reasoning_effort=reasoning_effort, tools=tools,
+            add_generation_prompt=add_generation_prompt, drop_thinking=drop_thinking,
+            encoding=encoding, response_format=response_format):
         if merged and merged[-1][1] == piece.generated:
             merged[-1] = (merged[-1][0] + piece.text, piece.generated)
         else:
