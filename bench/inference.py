@@ -178,7 +178,8 @@ def report(rows: dict, hf_rows: dict, batch: int, compile_s: float | None) -> li
     lines.append(f"  aten ops per layer, one eager b=1 decode step: {first['ops_per_layer']:,.0f} "
                  "(target <= 400)")
     if compile_s is not None:
-        lines.append(f"  compile time (batch buckets 1 and {batch}, first calls): {compile_s:.1f} s")
+        lines.append(f"  compile time (batch buckets 1 and {batch}, first calls): "
+                     f"{compile_s:.1f} s")
     return lines
 
 

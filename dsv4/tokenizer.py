@@ -13,10 +13,13 @@ user typing a lookalike with ASCII pipes gets ordinary text.
 
 The chat encoding (turns, thinking, tool calls) lives in `dsv4/chat.py`; this module only maps
 text <-> ids. `encode` adds no BOS/EOS; special-token strings inside the text become their ids.
+`encode_plain` is for text that came from a user, a tool or a document: it never produces a
+special-token id (see its docstring); chat prompts are built with it (`dsv4.chat.encode_chat_ids`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -91,6 +94,7 @@ class Tokenizer:
         self.bos_id: int | None = tokenizer.token_to_id(BOS)
         self.eos_id: int | None = tokenizer.token_to_id(EOS)
         self.pad_id: int | None = tokenizer.token_to_id(PAD)
+        self._plain: HFTokenizer | None = None  # built on first use by `encode_plain`
 
     @property
     def vocab_size(self) -> int:
@@ -126,6 +130,24 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added; special-token strings map to their ids."""
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: the added vocabulary (special and markup tokens
+        such as `<｜User｜>`, `</think>`, `｜DSML｜`) is not matched, so those strings become
+        ordinary BPE pieces. This is how DeepSeek's encoder tokenizes message text, and what
+        keeps a message from forging turn boundaries, EOS or `</think>`. (`tokenizers`'
+        `encode_special_tokens` is not enough: most V4 markup tokens are not flagged special.)
+        """
+        if self._plain is None:
+            self._plain = self._without_added_tokens()
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def _without_added_tokens(self) -> HFTokenizer:
+        # The same model, normalizer and pre-tokenizer, minus the added-token matcher.
+        spec = json.loads(self.hf.to_str())
+        spec["added_tokens"] = []
+        spec["post_processor"] = None
+        return HFTokenizer.from_str(json.dumps(spec))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the Rust library)."""

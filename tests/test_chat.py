@@ -1,13 +1,16 @@
 """The V4 chat encoding and completion parser (spec training.md §6, §3.2, §3.6; field-notes B5).
 
-Golden prompts are written out here from the official encoder's published fixtures
-(`encoding/tests`, reproduced by several independent ports), not from `dsv4.chat`'s constants.
+Golden prompts are written out here from the April preview encoder's published fixtures
+(`encoding/tests`, reproduced by several independent ports), not from `dsv4.chat`'s constants, so
+these tests pin encoding="v4-preview". Today's official encoding ("v4", the default) is compared
+with DeepSeek's own package in test_chat_official.py.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -15,6 +18,22 @@ import pytest
 
 from dsv4 import chat
 from dsv4.chat import StreamParser, encode_chat, encode_chat_segments, parse_completion
+
+
+def _preview_options(messages: list[dict], options: dict) -> dict:
+    # A complete conversation (ending with an assistant turn) has no generation prompt.
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    options.setdefault("add_generation_prompt", last.get("role") != "assistant")
+    return {"encoding": "v4-preview", **options}
+
+
+def preview(messages: list[dict], **options) -> str:
+    return encode_chat(messages, **_preview_options(messages, options))
+
+
+def preview_segments(messages: list[dict], **options) -> list[tuple[str, bool]]:
+    return encode_chat_segments(messages, **_preview_options(messages, options))
+
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 U, A = "<｜User｜>", "<｜Assistant｜>"
@@ -127,7 +146,7 @@ def test_prompts_tokenize_with_the_markers_as_single_tokens() -> None:
     from dsv4.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
-    prompt = encode_chat(weather_conversation(), thinking=True, tools=[WEATHER])
+    prompt = preview(weather_conversation(), thinking=True, tools=[WEATHER])
     ids = tok.encode(prompt)
     assert tok.decode(ids) == prompt
     for marker in (BOS, EOS, U, A, "<think>", "</think>", "｜DSML｜"):
@@ -146,7 +165,7 @@ def test_official_fixture_2_thinking_drops_earlier_reasoning() -> None:
         f"{U}What is the capital of France?{A}<think>The user asks about the capital of France. "
         f"It is Paris.</think>The capital of France is Paris.{EOS}"
     )
-    assert encode_chat(basic_conversation(), thinking=True) == expected
+    assert preview(basic_conversation(), thinking=True) == expected
 
 
 def test_non_think_multi_turn() -> None:
@@ -155,7 +174,7 @@ def test_non_think_multi_turn() -> None:
         f"{U}What is the capital of France?{A}</think>The capital of France is Paris.{EOS}"
     )
     # reasoning_content is never rendered in non-think mode
-    assert encode_chat(basic_conversation(), thinking=False) == expected
+    assert preview(basic_conversation(), thinking=False) == expected
 
 
 def test_official_fixture_1_thinking_with_tools_keeps_all_reasoning() -> None:
@@ -168,11 +187,11 @@ def test_official_fixture_1_thinking_with_tools_keeps_all_reasoning() -> None:
         f"The weather in Beijing is currently sunny with a temperature of 22°C and 45% humidity."
         f"{EOS}"
     )
-    assert encode_chat(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH]) == expected
+    assert preview(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH]) == expected
     # The same tools given on the system message, as in the official fixture file.
     messages = weather_conversation()
     messages[0]["tools"] = [WEATHER, SEARCH]
-    assert encode_chat(messages, thinking=True) == expected
+    assert preview(messages, thinking=True) == expected
 
 
 def test_tools_in_non_think_mode() -> None:
@@ -183,22 +202,22 @@ def test_tools_in_non_think_mode() -> None:
         f"</tool_result>{A}</think>The weather in Beijing is currently sunny with a temperature "
         f"of 22°C and 45% humidity.{EOS}"
     )
-    assert encode_chat(weather_conversation(), tools=[WEATHER, SEARCH]) == expected
+    assert preview(weather_conversation(), tools=[WEATHER, SEARCH]) == expected
 
 
 def test_generation_prompts_for_the_three_modes() -> None:
     messages = [{"role": "user", "content": "hi"}]
-    assert encode_chat(messages) == f"{BOS}{U}hi{A}</think>"
-    assert encode_chat(messages, thinking=True) == f"{BOS}{U}hi{A}<think>"
-    assert encode_chat(messages, thinking=True, reasoning_effort="high") == f"{BOS}{U}hi{A}<think>"
-    assert encode_chat(messages, thinking=True, reasoning_effort="max") == (
+    assert preview(messages) == f"{BOS}{U}hi{A}</think>"
+    assert preview(messages, thinking=True) == f"{BOS}{U}hi{A}<think>"
+    assert preview(messages, thinking=True, reasoning_effort="high") == f"{BOS}{U}hi{A}<think>"
+    assert preview(messages, thinking=True, reasoning_effort="max") == (
         f"{BOS}{THINK_MAX}{U}hi{A}<think>")
     with_system = [{"role": "system", "content": "Be brief."}, *messages]
-    assert encode_chat(with_system, thinking=True, reasoning_effort="max") == (
+    assert preview(with_system, thinking=True, reasoning_effort="max") == (
         f"{BOS}{THINK_MAX}Be brief.{U}hi{A}<think>")
     # Think-Max is a think-mode instruction: non-think ignores the effort, as the official does.
-    assert encode_chat(messages, reasoning_effort="max") == f"{BOS}{U}hi{A}</think>"
-    assert encode_chat(messages, thinking=True, add_generation_prompt=False) == f"{BOS}{U}hi"
+    assert preview(messages, reasoning_effort="max") == f"{BOS}{U}hi{A}</think>"
+    assert preview(messages, thinking=True, add_generation_prompt=False) == f"{BOS}{U}hi"
 
 
 def test_tool_results_merge_into_one_user_turn_in_call_order() -> None:
@@ -224,11 +243,11 @@ def test_tool_results_merge_into_one_user_turn_in_call_order() -> None:
         f"{U}<tool_result>X1\n\nX2</tool_result>\n\n<tool_result>Y</tool_result>\n\n"
         f"Thanks, summarize.{A}</think>"
     )
-    assert encode_chat(messages) == expected
+    assert preview(messages) == expected
 
 
 def test_request_tools_without_a_system_message_get_an_empty_one() -> None:
-    prompt = encode_chat([{"role": "user", "content": "hi"}], tools=[WEATHER, SEARCH])
+    prompt = preview([{"role": "user", "content": "hi"}], tools=[WEATHER, SEARCH])
     assert prompt == f"{BOS}{TOOLS_SECTION}{U}hi{A}</think>"
 
 
@@ -238,26 +257,26 @@ def test_developer_messages_and_consecutive_user_messages() -> None:
         {"role": "user", "content": "Hello"},
         {"role": "user", "content": "Are you there?"},
     ]
-    assert encode_chat(messages) == (
+    assert preview(messages) == (
         f"{BOS}{U}Answer in French.{U}Hello\n\nAre you there?{A}</think>")
     # In think mode with dropping, a developer message before the last user turn is dropped.
     old = [{"role": "developer", "content": "Old rule."}, {"role": "user", "content": "a"},
            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert encode_chat(old, thinking=True) == f"{BOS}{U}a{A}</think>b{EOS}{U}c{A}<think>"
-    assert encode_chat(old, thinking=True, drop_thinking=False) == (
+    assert preview(old, thinking=True) == f"{BOS}{U}a{A}</think>b{EOS}{U}c{A}<think>"
+    assert preview(old, thinking=True, drop_thinking=False) == (
         f"{BOS}{U}Old rule.{U}a{A}<think></think>b{EOS}{U}c{A}<think>")
 
 
 def test_reasoning_retention_rules() -> None:
     messages = basic_conversation()[:4]
-    dropped = encode_chat(messages, thinking=True)
-    kept = encode_chat(messages, thinking=True, drop_thinking=False)
+    dropped = preview(messages, thinking=True)
+    kept = preview(messages, thinking=True, drop_thinking=False)
     assert "The user said hello" not in dropped
     assert (f"{A}<think>The user said hello, I should greet back.</think>Hi there! How can I "
             f"help you?{EOS}") in kept
     assert dropped.endswith(f"{U}What is the capital of France?{A}<think>")
     # Any tools switch dropping off (interleaved thinking): reasoning survives a new user turn.
-    with_tools = encode_chat(messages, thinking=True, tools=[SEARCH])
+    with_tools = preview(messages, thinking=True, tools=[SEARCH])
     search_section = TOOLS_HEAD + json.dumps(SEARCH["function"]) + TOOLS_TAIL
     assert with_tools == kept.replace("You are a helpful assistant.",
                                       "You are a helpful assistant." + search_section)
@@ -265,8 +284,8 @@ def test_reasoning_retention_rules() -> None:
 
 def test_segments_mark_exactly_the_generated_text() -> None:
     messages = weather_conversation()
-    segments = encode_chat_segments(messages, thinking=True, tools=[WEATHER])
-    assert "".join(text for text, _ in segments) == encode_chat(messages, thinking=True,
+    segments = preview_segments(messages, thinking=True, tools=[WEATHER])
+    assert "".join(text for text, _ in segments) == preview(messages, thinking=True,
                                                                 tools=[WEATHER])
     generated = [text for text, is_generated in segments if is_generated]
     assert generated == [
@@ -284,7 +303,7 @@ def test_segments_mark_exactly_the_generated_text() -> None:
 def test_user_text_is_not_escaped() -> None:
     # Markup typed by a user is the user's text: the encoder passes it through untouched.
     tricky = "Why does </think> or <｜DSML｜tool_calls> or <｜end▁of▁sentence｜> break things?"
-    assert encode_chat([{"role": "user", "content": tricky}]) == f"{BOS}{U}{tricky}{A}</think>"
+    assert preview([{"role": "user", "content": tricky}]) == f"{BOS}{U}{tricky}{A}</think>"
 
 
 # ---- bad messages ------------------------------------------------------------------------
@@ -342,22 +361,22 @@ def _call(call_id: str = "c1", arguments: object = "{}") -> dict:
 ])
 def test_bad_messages_name_the_index_and_field(messages: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        encode_chat(messages)
+        preview(messages)
 
 
 def test_bad_arguments_name_the_argument() -> None:
-    with pytest.raises(ValueError, match=r"reasoning_effort: 'low'"):
-        encode_chat([{"role": "user", "content": "a"}], thinking=True, reasoning_effort="low")
+    with pytest.raises(ValueError, match=r"reasoning_effort: 'extreme'"):
+        preview([{"role": "user", "content": "a"}], thinking=True, reasoning_effort="extreme")
     with pytest.raises(ValueError, match=r"tools\[0\]\.function\.name"):
-        encode_chat([{"role": "user", "content": "a"}], tools=[{"type": "function",
+        preview([{"role": "user", "content": "a"}], tools=[{"type": "function",
                                                                 "function": {"name": ""}}])
     with pytest.raises(ValueError, match=r"tools: given both"):
-        encode_chat([{"role": "system", "content": "s", "tools": [SEARCH]}], tools=[SEARCH])
+        preview([{"role": "system", "content": "s", "tools": [SEARCH]}], tools=[SEARCH])
 
 
 # ---- parsing -----------------------------------------------------------------------------
 def test_parse_the_official_fixture_turns() -> None:
-    prompt = encode_chat(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH])
+    prompt = preview(weather_conversation(), thinking=True, tools=[WEATHER, SEARCH])
     marker = f"{A}<think>"
     first = prompt[prompt.find(marker) + len(marker):prompt.find(U, prompt.find(marker))]
     parsed = parse_completion(first, thinking=True, strict=True)
@@ -374,7 +393,8 @@ def test_parse_the_official_fixture_turns() -> None:
 
 def test_parse_non_think_and_missing_eos() -> None:
     assert parse_completion("Paris.", thinking=False) == {
-        "role": "assistant", "content": "Paris.", "reasoning_content": None, "tool_calls": []}
+        "role": "assistant", "content": "Paris.", "reasoning_content": None, "tool_calls": [],
+        "problems": []}
     assert parse_completion(f"hm</think>Paris.{EOS}", thinking=True)["content"] == "Paris."
     ids = parse_completion(f"{WEATHER_CALL}{EOS}", thinking=False, call_id_prefix="call_r7_")
     assert ids["tool_calls"][0]["id"] == "call_r7_0"
@@ -423,7 +443,8 @@ def test_round_trip_encode_then_parse(index: int, thinking: bool) -> None:
         {"role": "user", "content": ""},  # empty user turn
         assistant,
     ]
-    segments = encode_chat_segments(messages, thinking=thinking, tools=[WEATHER, SEARCH])
+    segments = encode_chat_segments(messages, thinking=thinking, tools=[WEATHER, SEARCH],
+                                    add_generation_prompt=False)
     completion = [text for text, generated in segments if generated][-1]
     parsed = parse_completion(completion, thinking=thinking, strict=True)
     assert _normalized(parsed, thinking) == _normalized(assistant, thinking)
@@ -432,7 +453,7 @@ def test_round_trip_encode_then_parse(index: int, thinking: bool) -> None:
         f"call_{k}" for k in range(len(assistant.get("tool_calls") or []))]
     # Parsing is the exact inverse: re-encoding the parsed message gives the same completion.
     again = encode_chat_segments([*messages[:-1], parsed], thinking=thinking,
-                                 tools=[WEATHER, SEARCH])
+                                 tools=[WEATHER, SEARCH], add_generation_prompt=False)
     assert [t for t, g in again if g][-1] == completion
 
 
@@ -456,7 +477,8 @@ def _stream(text: str, cuts: list[int], thinking: bool) -> tuple[dict, list[dict
     for start, end in zip([0, *cuts], [*cuts, len(text)]):
         events += parser.feed(text[start:end])
     events += parser.finish()
-    return chat.collect_events(events, thinking=thinking), events, parser.problems
+    message = chat.collect_events(events, thinking=thinking, problems=parser.problems)
+    return message, events, parser.problems
 
 
 def _completions() -> list[tuple[str, bool]]:
@@ -464,7 +486,8 @@ def _completions() -> list[tuple[str, bool]]:
     for thinking in (True, False):
         for assistant in ROUND_TRIP_ASSISTANTS:
             messages = [{"role": "user", "content": "q"}, {"role": "assistant", **assistant}]
-            segments = encode_chat_segments(messages, thinking=thinking, tools=[SEARCH])
+            segments = encode_chat_segments(messages, thinking=thinking, tools=[SEARCH],
+                                            add_generation_prompt=False)
             completion = segments[-1][0]
             cases.append((completion, thinking))
             cases.append((completion.removesuffix(EOS), thinking))  # server stripped EOS
@@ -567,8 +590,15 @@ def test_malformed_output_is_repaired_and_reported() -> None:
     cut_tag = parse_completion(MALFORMED[1][0], thinking=True)
     assert cut_tag["content"] == "partial answer " and cut_tag["tool_calls"] == []
 
-    cut = parse_completion(MALFORMED[2][0], thinking=False)
-    assert cut["content"] == "ok" and cut["tool_calls"] == []  # never a half-read call
+    # A call whose closing tags never came: read to the end, unless the text was cut off by a
+    # length limit (then it may be half written: reported, never returned).
+    ended = parse_completion(MALFORMED[2][0], thinking=False)
+    assert ended["content"] == "ok" and json.loads(
+        ended["tool_calls"][0]["function"]["arguments"]) == {"q": "abc"}
+    assert any("was not closed" in problem for problem in ended["problems"])
+    cut = parse_completion(MALFORMED[2][0], thinking=False, cut_off=True)
+    assert cut["content"] == "ok" and cut["tool_calls"] == []
+    assert "the invoke of 'search' was cut off by the length limit" in cut["problems"][0]
 
     repaired = parse_completion(MALFORMED[4][0], thinking=False)
     assert repaired["content"] == "xtrailing text"
@@ -578,7 +608,7 @@ def test_malformed_output_is_repaired_and_reported() -> None:
         parse_completion(MALFORMED[4][0], thinking=False, strict=True)
 
     nested = parse_completion(MALFORMED[5][0], thinking=False)
-    assert [c["function"]["name"] for c in nested["tool_calls"]] == ["b"]
+    assert [c["function"]["name"] for c in nested["tool_calls"]] == ["a", "b"]
 
     in_reasoning = parse_completion(MALFORMED[7][0], thinking=True)
     assert in_reasoning["reasoning_content"] == "reasoning that calls a tool directly"
@@ -598,3 +628,115 @@ def test_malformed_output_is_repaired_and_reported() -> None:
 def test_parser_rejects_non_text() -> None:
     with pytest.raises(TypeError, match="delta: expected str"):
         StreamParser(thinking=False).feed(None)  # type: ignore[arg-type]
+
+
+# ---- malformed tool calls: fail closed -----------------------------------------------------
+D = "｜DSML｜"
+PARAM_Q = f'<{D}parameter name="q" string="true">'
+MALFORMED_CALLS = {
+    # name: (completion, thinking, names of the calls that must come back, their arguments)
+    "missing </parameter> before the next invoke": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x\n</{D}invoke>\n<{D}invoke name="g">'
+        f'\n{PARAM_Q}y</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>{EOS}', False,
+        [("f", {"q": "x"}), ("g", {"q": "y"})]),
+    "missing </parameter> before the next parameter": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x\n'
+        f'<{D}parameter name="n" string="false">3</{D}parameter>\n</{D}invoke>\n'
+        f'</{D}tool_calls>', False, [("f", {"q": "x", "n": 3})]),
+    "missing </invoke> before </tool_calls>": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x</{D}parameter>\n</{D}tool_calls>'
+        f'{EOS}', False, [("f", {"q": "x"})]),
+    "missing every closing tag before EOS": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x{EOS}', False, [("f", {"q": "x"})]),
+    "ASCII bars": (
+        '<|DSML|tool_calls>\n<|DSML|invoke name="f">\n<|DSML|parameter name="q" string="true">'
+        'x</|DSML|parameter>\n</|DSML|invoke>\n</|DSML|tool_calls>', False, [("f", {"q": "x"})]),
+    "ASCII and fullwidth bars mixed": (
+        f'\n\n<|DSML|tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x</|DSML|parameter>\n'
+        f'</{D}invoke>\n</|DSML|tool_calls>', False, [("f", {"q": "x"})]),
+    "extra spaces in tags": (
+        f'<{D}tool_calls >\n<{D}invoke  name = "f" >\n<{D}parameter name="q"  string="true" >'
+        f'x</{D}parameter >\n< /{D}invoke>\n</ {D}tool_calls>', False, [("f", {"q": "x"})]),
+    "a tool call opened before </think>": (
+        f'I will call f.\n\n<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x</{D}parameter>\n'
+        f'</{D}invoke>\n</{D}tool_calls>', True, [("f", {"q": "x"})]),
+    "an ASCII tool call inside the reasoning": (
+        f'plan <|DSML|invoke name="f">\n{PARAM_Q}x</{D}parameter>\n</|DSML|invoke></think>ok',
+        True, [("f", {"q": "x"})]),
+    "a non-JSON value for string=false": (
+        f'<{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="n" string="false">'
+        f'{{bad</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>', False, [("f", {"n": "{bad"})]),
+    "an invoke without a name": (
+        f'<{D}tool_calls>\n<{D}invoke>\n{PARAM_Q}x</{D}parameter>\n</{D}invoke>\n'
+        f'<{D}invoke name="g">\n</{D}invoke>\n</{D}tool_calls>', False, [("g", {})]),
+    "an unknown tag and loose text in the block": (
+        f'<{D}tool_calls>\nsure!\n<{D}call name="f">\n<{D}invoke name="g">\n</{D}invoke>\n'
+        f'</{D}tool_calls>', False, [("g", {})]),
+    "content, then calls with missing closes, then EOS": (
+        f'Checking.\n\n<{D}tool_calls>\n<{D}invoke name="f">\n{PARAM_Q}x\n<{D}invoke name="g">\n'
+        f'<{D}parameter name="o" string="false">{{"k": [1, {{"d": null}}]}}{EOS}', False,
+        [("f", {"q": "x"}), ("g", {"o": {"k": [1, {"d": None}]}})]),
+}
+_INVOKE_OPENER = re.compile(r"<\s*[｜|]DSML[｜|]\s*invoke\b")
+
+
+def _strings_in(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *_strings_in(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings_in(item)]
+    return []
+
+
+def _assert_fails_closed(text: str, message: dict, unparsed: str) -> None:
+    texts = [message["content"], message["reasoning_content"] or ""]
+    for call in message["tool_calls"]:
+        arguments = json.loads(call["function"]["arguments"])  # always valid JSON
+        assert isinstance(arguments, dict)
+        texts += _strings_in(arguments)
+    for piece in texts:
+        assert "DSML" not in piece and not any(s in piece for s in chat.SPECIAL_STRINGS), piece
+    openers = len(_INVOKE_OPENER.findall(text))
+    returned = len(message["tool_calls"])
+    assert returned + len(_INVOKE_OPENER.findall(unparsed)) >= openers
+    if returned < openers:
+        assert message["problems"]
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_CALLS))
+def test_malformed_tool_calls_are_recovered_and_reported(name: str) -> None:
+    text, thinking, expected = MALFORMED_CALLS[name]
+    message, events, problems = _stream(text, [], thinking)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in message["tool_calls"]]
+    assert calls == expected
+    assert problems and message["problems"] == problems
+    unparsed = "".join(e.get("unparsed", "") for e in events)
+    _assert_fails_closed(text, message, unparsed)
+    assert parse_completion(text, thinking=thinking) == message
+    rng = random.Random(name)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, min(12, len(text) - 1))))
+        again, again_events, _ = _stream(text, cuts, thinking)
+        assert again == message, cuts
+        assert "".join(e.get("unparsed", "") for e in again_events) == unparsed, cuts
+
+
+def test_the_invoke_without_a_name_is_returned_as_unparsed_text() -> None:
+    text = MALFORMED_CALLS["an invoke without a name"][0]
+    _, events, problems = _stream(text, [], False)
+    unparsed = "".join(e.get("unparsed", "") for e in events)
+    assert unparsed == f'<{D}invoke>\n{PARAM_Q}x</{D}parameter>\n</{D}invoke>'
+    assert "an invoke with the invalid tool name '' was not parsed" in problems
+
+
+@pytest.mark.parametrize("case", range(len(_completions())))
+def test_every_completion_fails_closed(case: int) -> None:
+    text, thinking = _completions()[case]
+    for cut_off in (False, True):
+        parser = StreamParser(thinking=thinking)
+        events = parser.feed(text) + parser.finish(cut_off=cut_off)
+        message = chat.collect_events(events, thinking=thinking, problems=parser.problems)
+        _assert_fails_closed(text, message, "".join(e.get("unparsed", "") for e in events))

@@ -142,3 +142,22 @@ def test_info_does_not_import_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = _python("-c", code)
     assert done.returncode == 0, done.stderr
+
+
+def test_tokenizer_option_replaces_the_checkpoint_tokenizer(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    import argparse
+
+    from dsv4.cli import CommandError, load_inference_model
+    from dsv4.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    args = argparse.Namespace(checkpoint=None, preset="nano", config=None, random=True, seed=0,
+                              threads=None, device="cpu", dtype="fp32", tokenizer=str(tmp_path))
+    _, tokenizer, _ = load_inference_model(args)
+    assert tokenizer.hf.to_str() == byte_tokenizer().hf.to_str()
+    assert "byte-level tokenizer" not in capsys.readouterr().err
+    args.tokenizer = str(tmp_path / "missing.json")
+    with pytest.raises(CommandError, match=r"--tokenizer .*missing\.json: no such file"):
+        load_inference_model(args)

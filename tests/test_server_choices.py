@@ -90,6 +90,7 @@ def test_a_completion_cut_by_the_length_limit_leaks_nothing() -> None:
     assert all("tool_calls" not in d for d in deltas)
     assert "".join(d.get("content", "") for d in deltas) == "Let me check."
     assert choice.finish_reason == "length"
+    assert any("cut off by the length limit" in p for p in choice.problems)
 
 
 def test_stop_strings_never_reach_the_client_even_in_part() -> None:
@@ -168,3 +169,20 @@ def test_streamed_tool_call_chunks_read_by_the_openai_types() -> None:
     assert not any(mark in reasoning + content for mark in MARKUP)
     assert parsed_chunks[-1].choices[0].finish_reason == "tool_calls"
     assert deltas[0].role == "assistant"
+
+
+def test_an_unparseable_tool_call_is_shown_as_content_with_its_problems() -> None:
+    """A call without a tool name cannot be returned: the client sees its text, not nothing."""
+    tokenizer = byte_tokenizer()
+    broken = ('<｜DSML｜invoke>\n<｜DSML｜parameter name="q" string="true">x</｜DSML｜parameter>\n'
+              "</｜DSML｜invoke>")
+    text = (f'\n\n<｜DSML｜tool_calls>\n{broken}\n<｜DSML｜invoke name="ok">\n</｜DSML｜invoke>\n'
+            "</｜DSML｜tool_calls>")
+    choice = ChatChoice(tokenizer, [], False, call_id_prefix="call_")
+    deltas = []
+    for event in events_of(tokenizer.encode(text)):
+        deltas += choice.add(event)
+    assert "".join(d.get("content", "") for d in deltas) == broken
+    assert [c["function"]["name"] for c in choice.message()["tool_calls"]] == ["ok"]
+    assert choice.finish_reason == "tool_calls"
+    assert "an invoke with the invalid tool name '' was not parsed" in choice.problems

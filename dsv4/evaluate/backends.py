@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-THINK_MODES = ("none", "high", "max")
+# "none" or a reasoning effort of think mode (dsv4.chat.REASONING_EFFORTS).
+THINK_MODES = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 class EvalError(ValueError):
@@ -45,13 +46,16 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(hits)] if hits else text
 
 
-def chat_prompt(messages: list[dict], think: str) -> str:
-    from dsv4.chat import encode_chat
+def chat_prompt_ids(tokenizer, messages: list[dict], think: str, encoding: str = "v4"
+                    ) -> list[int]:
+    """The chat prompt's ids, message text tokenized as plain text (no injected markup)."""
+    from dsv4.chat import encode_chat_ids
 
     if think not in THINK_MODES:
         raise EvalError(f"think={think!r}: must be one of {', '.join(THINK_MODES)}")
     thinking = think != "none"
-    return encode_chat(messages, thinking=thinking, reasoning_effort=think if thinking else None)
+    return encode_chat_ids(tokenizer, messages, thinking=thinking,
+                           reasoning_effort=think if thinking else None, encoding=encoding)
 
 
 class LocalBackend:
@@ -67,6 +71,7 @@ class LocalBackend:
     def __init__(self, model, tokenizer, label: str, *, capacity: int = 8192, batch: int = 8,
                  prefill_chunk: int = 512):
         self.model, self.tokenizer, self.label = model.eval(), tokenizer, label
+        self.chat_encoding = "v4"  # dsv4.chat.ENCODINGS; set by `dsv4 eval --chat-encoding`
         self.capacity = min(capacity, model.cfg.max_seq_len)
         self.batch = batch
         self.prefill_chunk = prefill_chunk
@@ -187,7 +192,8 @@ class LocalBackend:
              ) -> list[dict]:
         from dsv4.chat import parse_completion
 
-        prompts = [self.tokenizer.encode(chat_prompt(m, think)) for m in conversations]
+        prompts = [chat_prompt_ids(self.tokenizer, m, think, self.chat_encoding)
+                   for m in conversations]
         texts = self.generate_ids(prompts, max_tokens)
         replies = []
         for text in texts:

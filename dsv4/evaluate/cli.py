@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dsv4.cli import CommandError, positive_int
+from dsv4.cli import CommandError, add_chat_encoding_argument, positive_int
+from dsv4.evaluate.backends import THINK_MODES
 
 SUITES = ("ppl", "niah", "tasks", "mc", "math")
 
@@ -86,8 +87,9 @@ def add_commands(subparsers: Any) -> None:
                     help="seconds per request (default 600)")
     ep.add_argument("--api-key", metavar="KEY", help="default: $OPENAI_API_KEY, else none")
     ep.add_argument("--tokenizer", metavar="PATH",
-                    help="a tokenizer.json to size niah prompts and ppl pieces for the endpoint "
-                         "(default: estimate tokens as UTF-8 bytes / 4)")
+                    help="a tokenizer.json: with --endpoint, to size niah prompts and ppl "
+                         "pieces (default: estimate tokens as UTF-8 bytes / 4); with a local "
+                         "model, used instead of the one beside the checkpoint")
 
     s = parser.add_argument_group("suite options")
     s.add_argument("--stride", type=positive_int, metavar="N",
@@ -121,10 +123,11 @@ def add_commands(subparsers: Any) -> None:
                         "endpoint without log-probabilities skips letter, saying so)")
     s.add_argument("--chat", action="store_true",
                    help="niah/mc/math: prompt in the V4 chat encoding instead of plain text")
-    s.add_argument("--think", choices=("none", "high", "max"), default="none",
-                   help="tasks/mc/math reasoning mode (implies --chat): none (non-think), high "
-                        "(think) or max (think-max); tasks asks a think-mode domain (expr) in "
-                        "think mode even with none")
+    s.add_argument("--think", choices=THINK_MODES, default="none",
+                   help="tasks/mc/math reasoning mode (implies --chat): none (non-think) or "
+                        "think mode at this reasoning effort; tasks asks a think-mode domain "
+                        "(expr) in think mode (effort low) even with none")
+    add_chat_encoding_argument(s)
     s.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="tokens to generate per item (defaults: niah 8, mc 4, math 256, tasks 24; "
                         "thinking modes more)")
@@ -148,7 +151,8 @@ def _options(args: argparse.Namespace):
         keys=args.keys, haystack=args.haystack, shots=args.shots,
         scoring=[s.strip() for s in args.scoring.split(",")] if args.scoring else None,
         domains=args.domains, domain_module=args.domain_module, n_problems=args.problems,
-        chat=args.chat, think=args.think, max_tokens=args.max_tokens, fresh=args.fresh)
+        chat=args.chat, think=args.think, chat_encoding=args.chat_encoding,
+        max_tokens=args.max_tokens, fresh=args.fresh)
 
 
 def _backend(args: argparse.Namespace):
@@ -179,13 +183,14 @@ def _backend(args: argparse.Namespace):
 
     ns = argparse.Namespace(checkpoint=args.path, preset=args.preset, config=None,
                             random=args.random, seed=args.seed, threads=args.threads,
-                            device=args.device, dtype=args.dtype)
+                            device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     if args.path is not None and not Path(args.path).exists():
         raise CommandError(f"{args.path}: no such run directory or checkpoint")
     model, tokenizer, label = load_inference_model(ns)
     name = Path(args.path).name if args.path else f"{args.preset}-random"
-    return LocalBackend(model, tokenizer, label, capacity=args.context,
-                        batch=args.batch), _slug(name)
+    backend = LocalBackend(model, tokenizer, label, capacity=args.context, batch=args.batch)
+    backend.chat_encoding = args.chat_encoding
+    return backend, _slug(name)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -297,15 +297,15 @@ def run_item_local(backend, item: NeedleItem, prompt: NeedlePrompt, chat: bool,
 
     tok = backend.tokenizer
     if chat:
-        from dsv4.chat import encode_chat
+        from dsv4.chat import USER, encode_chat_ids
 
         user = prompt.text + "\n" + prompt.chat_question
-        head = encode_chat([{"role": "user", "content": user}])
-        text_before = head[: head.index(user)]
-        full = head
-        span = tuple(len(text_before) + c for c in prompt.needle_chars)
-        ids = tok.encode(full)
-        positions = needle_token_span(tok, full, span, bos=False)
+        ids = encode_chat_ids(tok, [{"role": "user", "content": user}],
+                              encoding=getattr(backend, "chat_encoding", "v4"))
+        # The user text is tokenized on its own (plain text) right after <｜User｜>.
+        start = ids.index(tok.token_to_id(USER)) + 1
+        first, last = (len(tok.encode_plain(user[:c])) for c in prompt.needle_chars)
+        positions = range(start + first, start + last)
     else:
         full = prompt.text + prompt.question
         ids = backend.prompt_ids(full)

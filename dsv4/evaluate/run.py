@@ -53,6 +53,7 @@ class EvalOptions:
     n_problems: int | None = None  # tasks: per domain (None: the domain's eval set size)
     chat: bool = False
     think: str = "none"
+    chat_encoding: str = "v4"  # local models' chat prompts (an endpoint renders its own)
     max_tokens: int | None = None
     fresh: bool = False
 
@@ -61,10 +62,13 @@ class EvalOptions:
         `limit` is not one: a run with a larger --limit reuses the items already done."""
         keep = {"ppl": ("data", "context", "stride"),
                 "niah": ("data", "lengths", "depths", "trials", "variant", "keys", "haystack",
-                         "chat", "max_tokens"),
-                "tasks": ("domains", "domain_module", "n_problems", "think", "max_tokens"),
-                "mc": ("data", "dev", "shots", "scoring", "chat", "think", "max_tokens"),
-                "math": ("data", "dev", "shots", "chat", "think", "max_tokens")}[suite]
+                         "chat", "chat_encoding", "max_tokens"),
+                "tasks": ("domains", "domain_module", "n_problems", "think", "chat_encoding",
+                          "max_tokens"),
+                "mc": ("data", "dev", "shots", "scoring", "chat", "think", "chat_encoding",
+                       "max_tokens"),
+                "math": ("data", "dev", "shots", "chat", "think", "chat_encoding",
+                         "max_tokens")}[suite]
         values = asdict(self)
         return {k: values[k] for k in keep}
 

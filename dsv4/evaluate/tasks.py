@@ -53,7 +53,9 @@ def score_items(backend, items: list[tuple[str, Any, Any]], think: str, max_toke
                 ) -> list[dict]:
     """items: (key, domain, problem). A think-mode domain (`domain.thinking`, e.g. expr) is
     asked in think mode even when `think` is "none", as `domain_accuracy` does."""
-    modes = [think if think != "none" or not domain.thinking else "high"
+    from dsv4.posttrain.tasks import THINK_EFFORT
+
+    modes = [think if think != "none" or not domain.thinking else THINK_EFFORT
              for _, domain, _ in items]
     replies: list[Any] = [None] * len(items)
     for mode in sorted(set(modes)):

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from dsv4.cli import CommandError, positive_int
+from dsv4.cli import CommandError, add_chat_encoding_argument, positive_int
 
 DOMAIN_MODULE_HELP = ("a Python file defining dsv4.posttrain.tasks.Domain objects (e.g. "
                       "FunctionDomain('mine', generate, check)); each is registered under its "
@@ -147,6 +147,7 @@ def _add_sft(subparsers: Any) -> None:
                              "(<think>reasoning</think>answer; reasoning_content of assistant "
                              "messages is trained); --domains use their own mode (expr: think)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    add_chat_encoding_argument(parser)
     _common(parser)
     parser.set_defaults(run=cmd_sft)
 
@@ -169,7 +170,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     chats += generated
     cfg = SFTConfig(**_given(args, dict(steps="steps", lr="lr", batch_size="batch_size",
                                         seq_len="seq_len", optimizer="optimizer", seed="seed")),
-                    thinking=args.think, bf16=not args.fp32, progress=not args.no_progress)
+                    thinking=args.think, chat_encoding=args.chat_encoding, bf16=not args.fp32,
+                    progress=not args.no_progress)
     model, tokenizer = _load(args.source)
     try:
         summary = run_sft(model, tokenizer, chats, cfg, out=out, thinking=thinking)

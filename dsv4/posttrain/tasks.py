@@ -266,13 +266,20 @@ def load_domain_module(path: str | Path) -> list[Domain]:
 # ---------------------------------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer, prompt: str, thinking: bool = False) -> list[int]:
+# Think mode without a reasoning-effort instruction: V4's instructions are long prompts a small
+# model has no use for; in the preview encoding this is its think-high layout.
+THINK_EFFORT = "low"
+
+
+def prompt_ids(tokenizer, prompt: str, thinking: bool = False, encoding: str = "v4"
+               ) -> list[int]:
     """The V4 chat prompt for one user message, up to and including the assistant opener
     (`<｜Assistant｜></think>` in non-think mode, `<think>` in think mode)."""
-    from dsv4.chat import encode_chat
+    from dsv4.chat import encode_chat_ids
 
-    return tokenizer.encode(encode_chat([{"role": "user", "content": prompt}],
-                                        thinking=thinking))
+    return encode_chat_ids(tokenizer, [{"role": "user", "content": prompt}], thinking=thinking,
+                           reasoning_effort=THINK_EFFORT if thinking else None,
+                           encoding=encoding)
 
 
 def response_text(tokenizer, tokens: list[int], thinking: bool = False) -> str:
@@ -288,13 +295,14 @@ def check_answer_budget(tokenizer, domain: Domain, problems: list[Problem], max_
                         ) -> None:
     """PosttrainError when a problem's reference answer (with its reasoning, in think mode)
     takes more than `max_tokens` tokens: every sample would be cut before the right answer."""
-    from dsv4.chat import encode_chat
+    from dsv4.chat import encode_chat_ids
     from dsv4.posttrain.common import PosttrainError
     from dsv4.posttrain.sft import problems_as_chats
 
     for problem, chat in zip(problems, problems_as_chats(problems)):
-        full = tokenizer.encode(encode_chat(chat, thinking=domain.thinking,
-                                            add_generation_prompt=False))
+        full = encode_chat_ids(tokenizer, chat, thinking=domain.thinking,
+                               reasoning_effort=THINK_EFFORT if domain.thinking else None,
+                               add_generation_prompt=False)
         needed = len(full) - len(prompt_ids(tokenizer, problem.prompt, domain.thinking)) - 1
         if needed > max_tokens:  # -1: the stop token need not fit
             raise PosttrainError(f"max_tokens={max_tokens}: domain {domain.name!r} has answers "

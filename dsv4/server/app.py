@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from dsv4.chat import encode_chat
+from dsv4.chat import encode_chat_ids
 from dsv4.engine import Engine, SamplingParams, TextStream, decode_known
 from dsv4.server.choices import ChatChoice, KnownTokens, TextChoice
 from dsv4.server.protocol import (
@@ -58,9 +58,11 @@ class ClientGone(Exception):
 class Server:
     """What the endpoints share: the engine's scheduler, the tokenizer, the served name."""
 
-    def __init__(self, engine: Engine, tokenizer, served_model: str, max_queue: int) -> None:
+    def __init__(self, engine: Engine, tokenizer, served_model: str, max_queue: int,
+                 chat_encoding: str = "v4") -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.chat_encoding = chat_encoding  # dsv4.chat.ENCODINGS
         self.known = KnownTokens(tokenizer)
         self.served_model = served_model
         self.scheduler = Scheduler(engine, max_queue)
@@ -107,11 +109,13 @@ class Server:
 
 
 # ---- the app -----------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64) -> FastAPI:
-    """The FastAPI app serving `engine` (whose cache sets the batch and memory budget)."""
+def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64,
+               chat_encoding: str = "v4") -> FastAPI:
+    """The FastAPI app serving `engine` (whose cache sets the batch and memory budget);
+    chat prompts are rendered with `chat_encoding` (one of `dsv4.chat.ENCODINGS`)."""
     if engine.tokenizer is None:
         engine.tokenizer = KnownTokens(tokenizer)  # the engine's stop strings need one
-    server = Server(engine, tokenizer, served_model, max_queue)
+    server = Server(engine, tokenizer, served_model, max_queue, chat_encoding)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -434,12 +438,15 @@ class ChatJob:
     def __init__(self, server: Server, parsed: ChatRequest) -> None:
         self.server, self.parsed = server, parsed
         try:
-            text = encode_chat(parsed.messages, thinking=parsed.thinking,
-                               reasoning_effort=parsed.effort, tools=parsed.tools)
+            # Built from pieces: text from the request never becomes a control token.
+            self.ids = encode_chat_ids(
+                server.tokenizer, parsed.messages, thinking=parsed.thinking,
+                reasoning_effort=parsed.effort, tools=parsed.tools,
+                response_format=parsed.response_format, encoding=server.chat_encoding)
         except ValueError as err:
-            param = "tools" if str(err).startswith("tools") else "messages"
+            param = next((p for p in ("tools", "response_format", "reasoning_effort")
+                          if str(err).startswith(p)), "messages")
             raise bad(param, str(err).removeprefix(f"{param}: ")) from None
-        self.ids = server.tokenizer.encode(text)
         server.check_prompt(self.ids, "messages")
         n = parsed.sampling.n
         self.engine_prompts = [self.ids] * n
@@ -490,7 +497,8 @@ async def serve_chat(server: Server, request: Request, parsed: ChatRequest):
     for k, choice in enumerate(job.choices):
         logprobs = {"content": job.token_logprobs(k)} if parsed.logprobs is not None else None
         choices.append({"index": k, "message": choice.message(), "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason})
+                        "finish_reason": choice.finish_reason,
+                        **({"problems": choice.problems} if choice.problems else {})})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
             "model": server.served_model, "choices": choices,
             "usage": usage(job.prompt_tokens(), job.completion_tokens())}
@@ -500,11 +508,12 @@ async def stream_chat(server: Server, request: Request, job: ChatJob, handle: Ha
                       done: list, stack: contextlib.AsyncExitStack) -> AsyncIterator[str]:
     rid, created, parsed = new_id("chatcmpl"), int(time.time()), job.parsed
 
-    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None,
+              problems: list[str] | None = None) -> str:
         return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": server.served_model, "choices": [{
                         "index": index, "delta": delta, "logprobs": logprobs,
-                        "finish_reason": finish}]})
+                        "finish_reason": finish, **({"problems": problems} if problems else {})}]})
 
     async with stack:
         try:
@@ -524,7 +533,7 @@ async def stream_chat(server: Server, request: Request, job: ChatJob, handle: Ha
                     logprobs = None
                     if parsed.logprobs is not None:
                         logprobs = {"content": job.token_logprobs(k, job.logprobs_sent[k])}
-                    yield chunk(k, {}, choice.finish_reason, logprobs)
+                    yield chunk(k, {}, choice.finish_reason, logprobs, choice.problems)
             done[0] = True
             if parsed.include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,

@@ -7,6 +7,15 @@ a stop string held back, so a stop string never reaches the client, not even in 
 `reasoning_content`, `content` and DSML tool calls without letting markup leak (a tool call is
 sent once complete, arguments whole). Streaming and non-streaming responses are built from the
 same deltas, so both say exactly the same thing.
+
+Malformed tool calls: what the parser repairs (a missing closing tag, an ASCII "|", spaced
+tags, calls opened inside the reasoning) arrives as ordinary tool calls. A call it cannot turn
+into one (no tool name, unknown tags, loose text in the block) is never dropped silently: its
+raw text is sent as `content`, so the client and the user see what the model wrote, and the
+choice carries `"problems"`: the parser's list of what was malformed. A call cut off by
+max_tokens is not returned (it is half written): finish_reason "length" and `problems` say so.
+finish_reason keeps its OpenAI values ("tool_calls" only when calls were returned): typed
+clients reject values they do not know, which would turn one bad call into a failed request.
 """
 
 from __future__ import annotations
@@ -113,16 +122,26 @@ class ChatChoice:
         piece = self.text.add(event)
         parsed = self.parser.feed(piece) if piece else []
         if event.finished:
-            parsed += self.parser.finish()
+            cut_off = self.text.finish_reason == "length"
+            ending = self.parser.finish(cut_off=cut_off)
+            # A call cut by max_tokens is half written: finish_reason "length" and `problems`
+            # say so; its markup is not shown as content.
+            parsed += [item for item in ending if not (cut_off and "unparsed" in item)]
         return [self._delta(item) for item in parsed]
+
+    @property
+    def problems(self) -> list[str]:
+        """What the parser found malformed in this choice's text (empty if nothing)."""
+        return self.parser.problems
 
     def _delta(self, item: dict) -> dict:
         if "reasoning_content" in item:
             self.reasoning.append(item["reasoning_content"])
             return item
-        if "content" in item:
-            self.content.append(item["content"])
-            return item
+        if "content" in item or "unparsed" in item:  # an unparseable call: shown as written
+            text = item.get("content", item.get("unparsed"))
+            self.content.append(text)
+            return {"content": text}
         call = item["tool_call"]
         self.tool_calls.append(call)
         return {"tool_calls": [{"index": len(self.tool_calls) - 1, **call}]}

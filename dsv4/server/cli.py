@@ -12,7 +12,9 @@ from typing import Any
 
 from dsv4.cli import (
     CommandError,
+    add_chat_encoding_argument,
     add_compile_argument,
+    add_tokenizer_argument,
     byte_size,
     compile_requested,
     format_bytes,
@@ -53,6 +55,8 @@ def _add_serve(subparsers: Any) -> None:
                         help="random weights (seeded by --seed); with no tokenizer at hand a "
                              "byte-level one is used")
     source.add_argument("--seed", type=int, default=0, help="weights seed for --random")
+    add_tokenizer_argument(source)
+    add_chat_encoding_argument(parser)
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on "
                      "(default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -117,7 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     capacity = request_capacity(model, args)
     engine = build_serving_engine(model, args, capacity)
     name = args.served_model_name or default_model_name(args)
-    app = create_app(engine, tokenizer, name, max_queue=args.max_queue)
+    app = create_app(engine, tokenizer, name, max_queue=args.max_queue,
+                     chat_encoding=args.chat_encoding)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -5,11 +5,13 @@ error body naming the parameter ({"error": {"message", "type", "param", "code"}}
 FastAPI's 422 shape. Unknown parameters are refused (400) rather than silently ignored, except
 a few that change nothing here (`user`, `metadata`, `store`, ...).
 
-Reasoning modes (spec training.md §3.2): V4 has non-think, think-high and think-max. OpenAI's
-`reasoning_effort` maps as none/minimal -> non-think, low/medium/high -> think high,
-max/xhigh -> think max. A `thinking` switch is also accepted: `true`/`false`, DeepSeek's
-`{"type": "enabled" | "disabled"}`, or `chat_template_kwargs: {"thinking": bool}`. With neither,
-a request is non-think. Thinking on with no effort is think high.
+Reasoning modes (spec training.md §3.2): `reasoning_effort` none turns thinking off; the other
+efforts (minimal, low, medium, high, xhigh, max) turn it on and go to the chat encoding as they
+are (`dsv4.chat.encode_chat` decides what each adds to the prompt). A `thinking` switch is also
+accepted: `true`/`false`, DeepSeek's `{"type": "enabled" | "disabled"}`, or
+`chat_template_kwargs: {"thinking": bool}`. With neither, a request is non-think.
+`response_format` (text, json_object, json_schema, regex) adds the official prompt section; the
+output itself is not constrained.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-NON_THINK_EFFORTS = ("none", "minimal")
-HIGH_EFFORTS = ("low", "medium", "high")
-MAX_EFFORTS = ("max", "xhigh")
+NON_THINK_EFFORTS = ("none",)
+THINK_EFFORTS = ("minimal", "low", "medium", "high", "xhigh", "max")
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5  # completions: top-N alternatives (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs (OpenAI's limit)
@@ -75,8 +76,9 @@ class ChatRequest:
     messages: list[dict]
     sampling: Sampling
     thinking: bool = False
-    effort: str | None = None  # None (think high) or "max", for `encode_chat`
+    effort: str | None = None  # the request's reasoning_effort in think mode, for encode_chat
     tools: list[dict] | None = None
+    response_format: dict | None = None
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # top_logprobs when `logprobs: true`, else None
@@ -252,7 +254,7 @@ def _prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
 CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                "top_k", "n", "stream", "stream_options", "stop", "seed", "tools", "tool_choice",
                "reasoning_effort", "thinking", "chat_template_kwargs", "logprobs",
-               "top_logprobs", "ignore_eos"}
+               "top_logprobs", "ignore_eos", "response_format"}
 
 
 def parse_chat_request(body: Any, served: str) -> ChatRequest:
@@ -281,16 +283,27 @@ def parse_chat_request(body: Any, served: str) -> ChatRequest:
                                               None, 1),
         thinking=thinking, effort=effort,
         tools=(tools or None) if tool_choice == "auto" else None,
+        response_format=_response_format(body),
         stream=stream, include_usage=_stream_options(body, stream),
         logprobs=(top or 0) if logprobs else None)
+
+
+def _response_format(body: dict) -> dict | None:
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise bad("response_format", f"expected {{'type': ...}}, got {value!r:.80}",
+                  "invalid_type")
+    return value
 
 
 def reasoning_mode(body: dict) -> tuple[bool, str | None]:
     """(thinking, effort for encode_chat) from `reasoning_effort` and the thinking switch."""
     effort = body.get("reasoning_effort")
-    if effort is not None and effort not in (*NON_THINK_EFFORTS, *HIGH_EFFORTS, *MAX_EFFORTS):
+    if effort is not None and effort not in (*NON_THINK_EFFORTS, *THINK_EFFORTS):
         raise bad("reasoning_effort", f"{effort!r}: expected one of "
-                  f"{', '.join((*NON_THINK_EFFORTS, *HIGH_EFFORTS, *MAX_EFFORTS))}")
+                  f"{', '.join((*NON_THINK_EFFORTS, *THINK_EFFORTS))}")
     switch = _thinking_switch(body)
     if effort is None:
         return bool(switch), None
@@ -298,7 +311,7 @@ def reasoning_mode(body: dict) -> tuple[bool, str | None]:
     if switch is not None and switch != thinking:
         raise bad("reasoning_effort", f"{effort!r} contradicts thinking "
                   f"{'enabled' if switch else 'disabled'}")
-    return thinking, "max" if effort in MAX_EFFORTS else None
+    return thinking, effort if thinking else None
 
 
 def _thinking_switch(body: dict) -> bool | None:
