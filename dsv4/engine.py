@@ -87,6 +87,12 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def sample_params(params: SamplingParams, i: int) -> SamplingParams:
+    """The settings of sample i of a prompt: a seeded request's samples get seeds seed,
+    seed+1, ... (unseeded ones each draw their own)."""
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """fp32 logits [V] / temperature, with the tokens top-k and top-p drop set to -inf."""
     logits = logits.float() / params.temperature
@@ -206,6 +212,9 @@ class CompiledDecode:
 
 @dataclass
 class Request:
+    """One generated sequence. The n samples of one prompt (`Engine.add_samples`) are n
+    requests of one `SampleGroup`, which feeds the prompt once for all of them."""
+
     id: int
     prompt: list[int]
     params: SamplingParams
@@ -219,9 +228,17 @@ class Request:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     routing: list[torch.Tensor] = field(default_factory=list)  # record mode: [layers, T, k]
-    # add_samples: the leader feeds the shared prompt; its followers copy its cache slot.
-    followers: list[Request] = field(default_factory=list)
-    leader: Request | None = None
+    group: SampleGroup | None = None  # until its prompt is in the cache
+
+
+@dataclass
+class SampleGroup:
+    """The rows continuing one prompt, admitted together: the first row feeds the prompt into
+    its cache slot; when the last chunk is in, the others copy that slot and every row samples
+    on its own. A feeding row that is cancelled hands the feeding to the next (from scratch:
+    its own slot is still empty)."""
+
+    rows: list[Request]
 
 
 @dataclass
@@ -285,7 +302,7 @@ class Engine:
         self.record = record
         self.seeds = torch.Generator().manual_seed(seed)
         self.ids = itertools.count()
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[SampleGroup] = deque()
         self.running: dict[int, Request] = {}
         self.free_slots = list(range(max_batch))
         self.drafts_proposed = self.drafts_accepted = 0
@@ -331,9 +348,7 @@ class Engine:
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt; returns its request id. Validates everything first."""
-        request = self.new_request(prompt, params)
-        self.waiting.append(request)
-        return request.id
+        return self.add_samples(prompt, params, 1)[0]
 
     def add_samples(self, prompt: Sequence[int], params: SamplingParams | None = None,
                     n: int = 1) -> list[int]:
@@ -348,12 +363,12 @@ class Engine:
             raise ValueError("add_samples with n > 1 needs plain decoding (the MTP drafts "
                              "keep per-request state)")
         params = params or SamplingParams()
-        samples = [self.new_request(prompt, params if params.seed is None else
-                                    dataclasses.replace(params, seed=params.seed + i))
-                   for i in range(n)]
-        self.link(samples[0], samples[1:])
-        self.waiting.append(samples[0])
-        return [r.id for r in samples]
+        group = SampleGroup([self.new_request(prompt, sample_params(params, i))
+                             for i in range(n)])
+        for row in group.rows:
+            row.group = group
+        self.waiting.append(group)
+        return [row.id for row in group.rows]
 
     def new_request(self, prompt: Sequence[int], params: SamplingParams | None) -> Request:
         params = self.check_params(params or SamplingParams())
@@ -362,32 +377,20 @@ class Engine:
             torch.randint(0, 2**62, (1,), generator=self.seeds))
         return Request(next(self.ids), prompt, params, torch.Generator().manual_seed(seed))
 
-    @staticmethod
-    def link(leader: Request, followers: list[Request]) -> None:
-        leader.leader, leader.followers = None, followers
-        for follower in followers:
-            follower.leader, follower.followers = leader, []
-
     def cancel(self, request_id: int) -> bool:
         """Stop a request and free its cache slot; False if it is unknown or already done."""
-        for i, request in enumerate(self.waiting):
-            if request.id == request_id:
-                del self.waiting[i]
-                if request.followers:  # the first follower takes its place in the queue
-                    self.waiting.insert(i, request.followers[0])
-                    self.link(request.followers[0], request.followers[1:])
-                return True
-            for follower in request.followers:
-                if follower.id == request_id:
-                    request.followers.remove(follower)
+        for group in self.waiting:
+            for row in group.rows:
+                if row.id == request_id:
+                    group.rows.remove(row)
+                    if not group.rows:
+                        self.waiting.remove(group)
                     return True
         request = self.running.get(request_id)
         if request is None:
             return False
-        if request.leader is not None:  # admitted, waiting for its leader's prompt
-            request.leader.followers.remove(request)
-        elif request.followers and request.fed < len(request.prompt):
-            self.link(request.followers[0], request.followers[1:])  # feeds the prompt itself
+        if request.group is not None:  # its prompt is not in yet
+            request.group.rows.remove(request)
         self.finish(request, "cancelled")
         return True
 
@@ -399,10 +402,10 @@ class Engine:
         """Admit what fits, run one prefill round, then decode one token (or verify one draft)
         for every request whose prompt is in."""
         events: list[Event] = []
-        while self.waiting and len(self.free_slots) > len(self.waiting[0].followers):
+        while self.waiting and len(self.free_slots) >= len(self.waiting[0].rows):
             self.admit(self.waiting.popleft())
         prefilling = [r for r in self.running.values()
-                      if r.fed < len(r.prompt) and r.leader is None]
+                      if r.group is not None and r is r.group.rows[0]]
         if prefilling:
             events += self.prefill_round(prefilling)
         decoding = [r for r in self.running.values()
@@ -411,11 +414,11 @@ class Engine:
             events += self.speculate(decoding) if self.speculative else self.decode(decoding)
         return events
 
-    def admit(self, request: Request) -> None:
-        for admitted in (request, *request.followers):
-            admitted.slot = self.free_slots.pop(0)
-            self.cache.reset(admitted.slot)
-            self.running[admitted.id] = admitted
+    def admit(self, group: SampleGroup) -> None:
+        for row in group.rows:
+            row.slot = self.free_slots.pop(0)
+            self.cache.reset(row.slot)
+            self.running[row.id] = row
 
     def prefill_round(self, requests: list[Request]) -> list[Event]:
         """The next chunk of every prompt still being fed, in one [B, n] forward. All rows must
@@ -442,14 +445,16 @@ class Engine:
                                                          sampler.generator)], last)
         return events
 
-    def fork(self, leader: Request) -> list[Request]:
-        """Give the leader's followers its fed prompt (cache slot and recorded routing)."""
-        followers, leader.followers = leader.followers, []
-        for follower in followers:
-            self.cache.copy_slot(leader.slot, follower.slot)
-            follower.fed, follower.leader = leader.fed, None
-            follower.routing = list(leader.routing)
-        return followers
+    def fork(self, feeder: Request) -> list[Request]:
+        """The other rows of the feeder's group copy its fed prompt (cache slot and recorded
+        routing); the group's work is done."""
+        rows = feeder.group.rows
+        for row in rows[1:]:
+            self.cache.copy_slot(feeder.slot, row.slot)
+            row.fed, row.routing = feeder.fed, list(feeder.routing)
+        for row in rows:
+            row.group = None
+        return rows[1:]
 
     def mtp_catch_up(self, request: Request, slots, streams, ids) -> None:
         """Run MTP over prompt positions whose next token is now known (it lags one token)."""
@@ -639,8 +644,7 @@ class Engine:
         return [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
 
     def is_waiting(self, request_id: int) -> bool:
-        return any(r.id == request_id or any(f.id == request_id for f in r.followers)
-                   for r in self.waiting)
+        return any(row.id == request_id for group in self.waiting for row in group.rows)
 
 
 

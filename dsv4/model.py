@@ -51,9 +51,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = as_float(x)
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        return (x32 * self.weight).to(x.dtype)  # a bf16 weight promotes to fp32 exactly
 
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,20 +146,24 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., N, N] logits to a (near) doubly-stochastic matrix, in the kernel's order:
     row softmax + eps, column normalization, then (iters - 1) x (row, column).
 
-    Without autograd the normalizations run in place with eps as a tensor: the same values with
-    half the operator calls (this loop is a third of a decode step's work)."""
+    Sums are L1 norms (the entries are positive) and eps is a tensor, one operator each; without
+    autograd the normalizations run in place. This loop is a third of a decode step's calls."""
     eps_t = logits.new_tensor(eps)
     m = logits.softmax(dim=-1) + eps_t
+
+    def total(dim: int) -> torch.Tensor:
+        return torch.linalg.vector_norm(m, 1, dim=dim, keepdim=True)
+
     if torch.is_grad_enabled():
-        m = m / (m.sum(dim=-2, keepdim=True) + eps_t)
+        m = m / (total(-2) + eps_t)
         for _ in range(iters - 1):
-            m = m / (m.sum(dim=-1, keepdim=True) + eps_t)
-            m = m / (m.sum(dim=-2, keepdim=True) + eps_t)
+            m = m / (total(-1) + eps_t)
+            m = m / (total(-2) + eps_t)
         return m
-    m /= m.sum(dim=-2, keepdim=True).add_(eps_t)
+    m /= total(-2).add_(eps_t)
     for _ in range(iters - 1):
-        m /= m.sum(dim=-1, keepdim=True).add_(eps_t)
-        m /= m.sum(dim=-2, keepdim=True).add_(eps_t)
+        m /= total(-1).add_(eps_t)
+        m /= total(-2).add_(eps_t)
     return m
 
 

@@ -500,3 +500,19 @@ def test_response_format_prefix_completion_and_a_finished_conversation(live, tok
         {"model": MODEL_NAME, "messages": finished}).encode())
     assert status == 400 and body["error"]["param"] == "messages"
     assert "ends with an assistant message" in body["error"]["message"]
+
+
+def test_n_samples_of_one_prompt_go_to_the_engine_as_one_group() -> None:
+    """The scheduler hands the n choices of one prompt to `Engine.add_samples` (prompt fed
+    once) when they are its samples: same prompt, seeds seed, seed+1, ...; else one by one."""
+    from dsv4.engine import sample_params
+    from dsv4.server.scheduler import sample_runs
+
+    prompt, other = [1, 2, 3], [1, 2, 3]
+    seeded = SamplingParams(seed=5)
+    samples = [sample_params(seeded, i) for i in range(3)]
+    runs = list(sample_runs([prompt] * 3 + [other], samples + [seeded], max_rows=8))
+    assert [(p is prompt, params, n) for p, params, n in runs] == [
+        (True, seeded, 3), (False, seeded, 1)]
+    assert [n for *_, n in sample_runs([prompt] * 3, samples, max_rows=2)] == [2, 1]
+    assert [n for *_, n in sample_runs([prompt] * 2, [seeded, seeded], max_rows=8)] == [1, 1]

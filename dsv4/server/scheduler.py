@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.engine import Engine, SamplingParams
+from dsv4.engine import Engine, SamplingParams, sample_params
 from dsv4.server.protocol import APIError
 
 log = logging.getLogger("dsv4.server")
@@ -179,14 +179,17 @@ class Scheduler:
         if job.handle.cancelled:  # the client left before its request got here
             self._finished(len(job.prompts))
             return
-        for choice, (prompt, params) in enumerate(zip(job.prompts, job.params)):
+        choice = 0
+        for prompt, params, n in sample_runs(job.prompts, job.params, self.engine.cache.slots):
             try:
-                rid = self.engine.add_request(prompt, params)
+                rids = self.engine.add_samples(prompt, params, n)
             except ValueError as err:  # validated before; a last line of defence
-                self._finished(1)
+                self._finished(n)
                 job.handle.deliver(("error", None, APIError(400, str(err))))
-                continue
-            self.owners[rid] = (job.handle, choice)
+            else:
+                for k, rid in enumerate(rids):
+                    self.owners[rid] = (job.handle, choice + k)
+            choice += n
 
     def _do_cancel(self, job: Job) -> None:
         for rid, (handle, _) in list(self.owners.items()):
@@ -239,6 +242,19 @@ class Scheduler:
 
 
 @torch.inference_mode()
+def sample_runs(prompts: list[list[int]], params: list[SamplingParams], max_rows: int):
+    """(prompt, params, n) runs of choices that are n samples of one prompt, as
+    `Engine.add_samples` makes them (seeds seed, seed+1, ...): fed to the model once."""
+    start = 0
+    while start < len(prompts):
+        first, n = params[start], 1
+        while (start + n < len(prompts) and n < max_rows and prompts[start + n] is prompts[start]
+               and params[start + n] == sample_params(first, n)):
+            n += 1
+        yield prompts[start], first, n
+        start += n
+
+
 def prompt_logprobs(engine: Engine, prompt: list[int], top: int
                     ) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """For each prompt token, its log-probability given the tokens before it and the `top` most
