@@ -1,4 +1,4 @@
-"""The hybrid KV cache of DeepSeek-V4 and the attention layer's cached forward (spec §9).
+"""The hybrid KV cache of DeepSeek-V4 and the cached attention core (spec §9).
 
 Per attention layer and per sequence slot the cache holds:
 
@@ -214,7 +214,7 @@ class CompressorCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# One attention layer's cache and its cached forward
+# One attention layer's cache and its attention core
 # ---------------------------------------------------------------------------------------------
 
 
