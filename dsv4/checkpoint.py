@@ -45,7 +45,13 @@ import torch
 
 from dsv4 import quant
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.files import atomic_write, write_json_atomic, write_text_atomic
+from dsv4.files import (
+    atomic_write,
+    remove_temp_leftovers,
+    with_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from dsv4.model import Transformer
@@ -427,15 +433,34 @@ def resolve(path: str | os.PathLike[str]) -> Path:
         if target.name in (CONFIG_NAME, INDEX_NAME) or target.suffix == ".safetensors":
             return target.parent
         raise CheckpointError(f"{target}: expected a checkpoint folder")
-    for latest in (target / "checkpoints" / LATEST_NAME, target / LATEST_NAME):
-        if latest.is_file():
-            name = latest.read_text(encoding="utf-8").strip()
-            folder = latest.parent / name
-            if not name or not folder.is_dir():
-                raise CheckpointError(f"{latest}: names checkpoint {name!r}, which does not "
-                                      f"exist in {latest.parent}")
+    for checkpoints in (target / "checkpoints", target):
+        folder = read_latest(checkpoints)
+        if folder is not None:
             return folder
     return target
+
+
+def read_latest(checkpoints: Path) -> Path | None:
+    """The checkpoint folder `checkpoints/latest` names (None without a `latest` file). The
+    name must be a folder directly inside `checkpoints/`: `latest` never leads outside it."""
+    latest = checkpoints / LATEST_NAME
+    if not latest.is_file():
+        return None
+    raw = latest.read_bytes()[:4096]
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest}: not a checkpoint name (binary content: "
+                              f"{raw[:16]!r}...); point it at a step_* folder or remove it"
+                              ) from None
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\n" in name:
+        raise CheckpointError(f"{latest}: {name[:80]!r} is not the name of a checkpoint "
+                              f"folder inside {checkpoints}")
+    folder = checkpoints / name
+    if not folder.is_dir():
+        raise CheckpointError(f"{latest}: names checkpoint {name!r}, which does not exist in "
+                              f"{checkpoints}")
+    return folder
 
 
 def find_tokenizer(path: str | os.PathLike[str]) -> Path | None:
@@ -890,7 +915,14 @@ def _write_folder(target: Path, cfg: ModelConfig, format: str,
         raise CheckpointError(f"{target}: exists and is not a checkpoint folder; refusing to "
                               "replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    # A save killed earlier (kill -9, a full disk) left its partial copy beside the target;
+    # a ".old" copy is only safe to drop once the target it was replaced by exists.
+    remove_temp_leftovers(target.parent, target.name,
+                          (".tmp", ".old") if target.exists() else (".tmp",))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise with_path(err, target) from None
     try:
         os.chmod(tmp, 0o755)
         if isinstance(tensors, dict):
@@ -908,6 +940,9 @@ def _write_folder(target: Path, cfg: ModelConfig, format: str,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as err:  # a full disk: name the checkpoint, not the temporary file
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(err.errno, err.strerror or str(err), str(target)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

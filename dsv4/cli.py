@@ -387,8 +387,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"dsv4 train: interrupted; {tc.out}/checkpoints/latest (if any) is intact",
               file=sys.stderr)
         return 130
-    except (TrainingError, ValueError, OSError) as err:
+    except (TrainingError, ValueError) as err:
         raise CommandError(str(err)) from None
+    except OSError as err:  # a full disk: checkpoints/latest still names a complete one
+        from dsv4.files import os_error_message
+
+        print(f"dsv4 train: error: {os_error_message(err)}; the latest checkpoint is intact: "
+              f"free space, then continue with dsv4 train --out {tc.out} --resume",
+              file=sys.stderr)
+        return 1
     return 130 if summary["interrupted"] else 0
 
 
@@ -775,6 +782,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CommandError) as err:
         print(f"dsv4 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. `dsv4 info | head`: the reader left, nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except KeyboardInterrupt:  # Ctrl-C: the user knows why; no traceback
+        print(f"\ndsv4 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk, a missing permission: one line naming the path
+        from dsv4.files import os_error_message
+
+        if isinstance(err, BrokenPipeError):  # `dsv4 info | head`: the reader left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"dsv4 {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 1
+

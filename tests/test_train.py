@@ -219,7 +219,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path: Pat
                          "--warmup-steps", "0", "--samples", "0"))
     err = capsys.readouterr().err
     assert rc == 1
-    assert "training stopped" in err and "last good checkpoint" in err
+    assert "training stopped" in err and "latest checkpoint" in err
     latest = (run / "checkpoints" / "latest").read_text().strip()
     rows = read_metrics(run)
     assert all(math.isfinite(r["loss"]) for r in rows)

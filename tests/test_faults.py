@@ -1,0 +1,185 @@
+"""Bad days: a full disk, a killed process, two processes on one run, corrupted weights,
+hostile `latest` files, broken data. Every fault ends in one line naming the file (no
+traceback), loses nothing that was finished, and leaves a run that resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv4.cli import main
+from dsv4.train import read_metrics
+from tests.faults import full_disk
+from tests.parity_utils import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("corpus")
+    data = root / "data"
+    data.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py"):
+        (data / name).write_text((stdlib / name).read_text())
+    config = root / "tiny.json"
+    tiny_config(vocab_size=384, n_hash_layers=1).save(config)
+    return dict(data=data, config=config, cache=root / "cache")
+
+
+def train_args(corpus: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(corpus["config"]), "--data", str(corpus["data"]),
+            "--out", str(out), "--cache-dir", str(corpus["cache"]), "--batch-size", "1",
+            "--seq-len", "128", "--threads", "1", "--no-progress", "--samples", "0",
+            "--save-every", "1", *extra]
+
+
+def one_line_error(err: str, *names: str) -> None:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+# ---- a full disk --------------------------------------------------------------------------
+def test_full_disk_during_a_metrics_append_leaves_a_run_that_resumes(corpus, tmp_path, capsys,
+                                                                    monkeypatch) -> None:
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "2")) == 0
+    size = (run / "metrics.jsonl").stat().st_size
+    with monkeypatch.context() as patch:
+        budget = full_disk(patch, "metrics.jsonl", after=20)  # step 3's line: cut at 20 bytes
+        capsys.readouterr()
+        assert main(train_args(corpus, run, "--resume", "--steps", "4")) == 1
+        assert budget.failures == 1
+    err = capsys.readouterr().err
+    one_line_error(err, str(run / "metrics.jsonl"), "no space left on device", "--resume")
+    assert (run / "metrics.jsonl").stat().st_size == size  # no torn line left behind
+    assert main(train_args(corpus, run, "--resume", "--steps", "4")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_says_so(corpus, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "2")) == 0
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 5.1, "lr": 0.0')  # what a kill mid-append leaves
+    assert read_metrics(run)[-1]["step"] == 2  # readers skip it too
+    capsys.readouterr()
+    assert main(train_args(corpus, run, "--resume", "--steps", "3")) == 0
+    out = capsys.readouterr().out
+    assert "dropped a torn last line" in out and "metrics.jsonl" in out
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_damage_before_the_last_metrics_line_is_named(corpus, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "2")) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("garbage\n" + "\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(train_args(corpus, run, "--resume", "--steps", "3")) == 2
+    one_line_error(capsys.readouterr().err, f"{run / 'metrics.jsonl'}:1")
+
+
+def test_full_disk_while_saving_names_the_checkpoint_and_keeps_latest(corpus, tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "1")) == 0
+    with monkeypatch.context() as patch:
+        full_disk(patch, "trainer.pt", after=1000)
+        capsys.readouterr()
+        assert main(train_args(corpus, run, "--resume", "--steps", "2")) == 1
+    one_line_error(capsys.readouterr().err, "trainer.pt", "no space left on device")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    with monkeypatch.context() as patch:
+        full_disk(patch, ".shard-", after=1000)
+        assert main(train_args(corpus, run, "--resume", "--steps", "2")) == 1
+    one_line_error(capsys.readouterr().err, str(run / "checkpoints" / "step_000002"),
+                   "no space left on device")
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert main(train_args(corpus, run, "--resume", "--steps", "2")) == 0
+
+
+def test_full_disk_during_convert_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import dsv4
+    from dsv4.model import Transformer
+
+    model = Transformer(tiny_config())
+    dsv4.save(model, tmp_path / "src")
+    with monkeypatch.context() as patch:
+        full_disk(patch, "safetensors", after=5000)
+        rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "hf"])
+    assert rc == 1
+    one_line_error(capsys.readouterr().err, str(tmp_path / "out"), "no space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial output
+
+
+# ---- one process per run folder; leftovers of a killed one ---------------------------------
+def test_a_second_process_on_the_same_run_is_refused(corpus, tmp_path, capsys) -> None:
+    from dsv4.files import FolderLock
+
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "1")) == 0
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from dsv4.files import FolderLock; lock = FolderLock(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(60)"), str(run)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(train_args(corpus, run, "--resume", "--steps", "2")) == 2
+        one_line_error(capsys.readouterr().err, str(run), f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without unlocking (as kill -9 does): the lock went with it
+    with FolderLock(run):
+        pass
+    assert main(train_args(corpus, run, "--resume", "--steps", "2")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_leftovers_of_killed_writes_are_removed_on_the_next_start(corpus, tmp_path,
+                                                                  capsys) -> None:
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "1")) == 0
+    partial = run / "checkpoints" / ".step_000002.abc123.tmp"
+    partial.mkdir()
+    (partial / ".shard-00001.safetensors.x1.tmp").write_bytes(b"\0" * 4096)
+    (run / "checkpoints" / ".latest.k9.tmp").write_text("step_000002")
+    (run / ".metrics.jsonl.q2.tmp").write_text("{}")
+    capsys.readouterr()
+    assert main(train_args(corpus, run, "--resume", "--steps", "2")) == 0
+    assert "removed 3 temporary" in capsys.readouterr().out
+    leftovers = [p for p in [*run.iterdir(), *(run / "checkpoints").iterdir()]
+                 if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+# ---- `latest` -------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00\x81binary", "binary content"),
+    (b"../../x\n", "is not the name of a checkpoint folder"),
+    (b"/etc\n", "is not the name of a checkpoint folder"),
+    (b"step_000009\n", "does not exist"),
+])
+def test_a_bad_latest_file_is_one_line(tmp_path, capsys, content, message) -> None:
+    import dsv4
+    from dsv4.model import Transformer
+
+    run = tmp_path / "run"
+    dsv4.checkpoint.save_to_run(Transformer(tiny_config()), run, step=1)
+    outside = tmp_path / "x"
+    dsv4.save(Transformer(tiny_config()), outside)  # a loadable checkpoint outside the run
+    (run / "checkpoints" / "latest").write_bytes(content)
+    assert main(["generate", "--run", str(run), "hi", "--max-tokens", "1"]) == 2
+    one_line_error(capsys.readouterr().err, str(run / "checkpoints" / "latest"), message)
