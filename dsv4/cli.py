@@ -121,6 +121,10 @@ def _add_info(subparsers: Any) -> None:
                              f"(default {DEFAULT_CONTEXT:,})")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the table")
+    parser.add_argument("--verify", action="store_true",
+                        help="with a checkpoint: also read every weight and check its values "
+                             "(finite, within range, hash-routing ids in range), as loading "
+                             "does; reads the whole checkpoint")
     parser.set_defaults(run=cmd_info, info_parser=parser)
 
 
@@ -239,10 +243,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _info_checkpoint(args: argparse.Namespace) -> int:
-    from dsv4.checkpoint import CheckpointError, describe
+    from dsv4.checkpoint import CheckpointError, describe, load
 
     try:
         ckpt = describe(args.checkpoint)
+        if args.verify:
+            load(args.checkpoint, quantized=True, verify=True)
+            ckpt["notes"].append("every weight read and checked: finite, within range")
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     cfg = ModelConfig.from_dict(ckpt["model_config"])

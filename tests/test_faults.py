@@ -183,3 +183,59 @@ def test_a_bad_latest_file_is_one_line(tmp_path, capsys, content, message) -> No
     (run / "checkpoints" / "latest").write_bytes(content)
     assert main(["generate", "--run", str(run), "hi", "--max-tokens", "1"]) == 2
     one_line_error(capsys.readouterr().err, str(run / "checkpoints" / "latest"), message)
+
+
+# ---- corrupted weights ------------------------------------------------------------------------
+def struct_bytes(fmt: str, value: float, flip: int = 0) -> bytes:
+    """Raw bytes of `value` (fp32 stored in fp32 or bf16 files: see `corrupt`)."""
+    import struct
+
+    raw = struct.pack(fmt, value)
+    if flip:
+        raw = struct.pack("<I", struct.unpack("<I", raw)[0] ^ flip)
+    return raw
+
+
+def corrupt(folder: Path, name: str, index: int, value: bytes) -> None:
+    """Overwrite element `index` of tensor `name` in the files with raw bytes."""
+    from dsv4.checkpoint import SafetensorsFolder
+
+    info = SafetensorsFolder(folder).infos[name]
+    size = len(value)
+    with open(info.file, "r+b") as f:
+        f.seek(info.start + index * size)
+        f.write(value)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    import dsv4
+    from dsv4.model import Transformer
+
+    model = Transformer(tiny_config(dtype="bf16"))
+    model.init_weights(seed=0)
+    return dsv4.save(model, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name, index, value, message", [
+    ("layers.1.attn.wkv.weight", 7, struct_bytes("<f", float("nan")), "holds NaN at index [0, 7]"),
+    ("layers.2.ffn.experts.w2", 3, struct_bytes("<f", float("inf")), "holds inf"),
+    # 0.01 with its top exponent bit flipped: 3.4e36
+    ("embed.weight", 5, struct_bytes("<f", 0.01, flip=0x40000000), "holds 3.4"),
+    ("layers.0.ffn.gate.tid2eid", 2, struct_bytes("<q", 99), "expert id 99 outside [0, 8)"),
+])
+def test_corrupted_weights_do_not_load(saved, tmp_path, capsys, name, index, value,
+                                       message) -> None:
+    import dsv4
+    from dsv4.checkpoint import CheckpointError
+
+    dsv4.load(saved)  # sound before
+    corrupt(saved, name, index, value)
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor") as caught:
+        dsv4.load(saved)
+    assert name in str(caught.value) and message in str(caught.value)
+    assert main(["generate", "--run", str(saved), "hi", "--max-tokens", "2"]) == 2
+    one_line_error(capsys.readouterr().err, name, message)
+    assert main(["info", str(saved), "--verify"]) == 2
+    one_line_error(capsys.readouterr().err, name)
+    dsv4.load(saved, verify=False)  # still readable on purpose (for forensics)
