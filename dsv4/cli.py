@@ -753,8 +753,9 @@ def parse_ids(prompt: str) -> list[int]:
         try:
             ids.append(int(word))
         except ValueError:
-            raise CommandError(f"--ids: word {i} ({word[:40]!r}) is not an integer token id"
-                               ) from None
+            shown = prompt if len(prompt) <= 80 else prompt[:80] + "..."  # never echo it all
+            raise CommandError(f"--ids: {shown!r} is not a list of integers (word {i}: "
+                               f"{word[:40]!r})") from None
     return ids
 
 
