@@ -4,6 +4,7 @@ traceback), loses nothing that was finished, and leaves a run that resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -354,3 +355,35 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_ar
     first, second = conversations
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[0] == first[0] and second[1]["content"]  # the stopped reply, kept
+
+
+# ---- broken data files --------------------------------------------------------------------------
+def test_bad_utf8_deep_in_a_jsonl_names_its_line(tmp_path) -> None:
+    from dsv4.data import DataError, iter_documents
+
+    good = "".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(1000))  # > 64 KiB
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"big\.jsonl:1001: not UTF-8 \(byte 13 of the line"):
+        list(iter_documents([path]))
+
+
+def test_a_pretty_printed_json_object_is_one_document(tmp_path) -> None:
+    from dsv4.data import iter_documents
+
+    (tmp_path / "one.json").write_text(json.dumps({"text": "hello\nworld"}, indent=2))
+    (tmp_path / "many.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
+    docs = list(iter_documents([tmp_path / "one.json", tmp_path / "many.json"]))
+    assert [d.text for d in docs] == ["hello\nworld", "a", "b"]
+
+
+def test_an_empty_file_is_named(corpus, tmp_path, capsys) -> None:
+    from dsv4.data import DataError, iter_documents
+
+    for name in ("void.txt", "void.jsonl", "void.json"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(DataError, match=rf"{name}: holds no text"):
+            list(iter_documents([tmp_path / name]))
+    assert main(train_args(corpus, tmp_path / "run", "--data", str(corpus["data"]),
+                           str(tmp_path / "void.txt"))) == 2
+    one_line_error(capsys.readouterr().err, str(tmp_path / "void.txt"), "holds no text")
