@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4.checkpoint import save_to_run
 from dsv4.cli import main
 from dsv4.train import read_metrics
 from tests.faults import full_disk
@@ -178,7 +179,7 @@ def test_a_bad_latest_file_is_one_line(tmp_path, capsys, content, message) -> No
     from dsv4.model import Transformer
 
     run = tmp_path / "run"
-    dsv4.checkpoint.save_to_run(Transformer(tiny_config()), run, step=1)
+    save_to_run(Transformer(tiny_config()), run, step=1)
     outside = tmp_path / "x"
     dsv4.save(Transformer(tiny_config()), outside)  # a loadable checkpoint outside the run
     (run / "checkpoints" / "latest").write_bytes(content)
@@ -387,3 +388,32 @@ def test_an_empty_file_is_named(corpus, tmp_path, capsys) -> None:
     assert main(train_args(corpus, tmp_path / "run", "--data", str(corpus["data"]),
                            str(tmp_path / "void.txt"))) == 2
     one_line_error(capsys.readouterr().err, str(tmp_path / "void.txt"), "holds no text")
+
+
+# ---- evaluation results follow the weights and the data, not their names ---------------------
+def test_eval_resume_refuses_changed_weights_or_data(tmp_path, capsys) -> None:
+    from dsv4.model import Transformer
+    from dsv4.tokenizer import byte_tokenizer
+
+    run = tmp_path / "run"
+    model = Transformer(tiny_config(vocab_size=384))
+    model.init_weights(seed=0)
+    save_to_run(model, run, step=1, tokenizer=byte_tokenizer())
+    data = tmp_path / "notes.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 8)
+    out = tmp_path / "eval"
+    argv = ["eval", str(run), "--suite", "ppl", "--data", str(data), "--out", str(out),
+            "--dtype", "fp32", "--context", "256", "--no-progress"]
+    assert main(argv) == 0
+    assert main(argv) == 0 and "item(s) resumed" in capsys.readouterr().out
+
+    data.write_text("an entirely different text, with other words in it\n" * 8)
+    assert main(argv) == 2
+    one_line_error(capsys.readouterr().err, "data_fingerprint", "--fresh")
+    assert main([*argv, "--fresh"]) == 0
+
+    model.init_weights(seed=1)  # the run trains on: `latest` now names other weights
+    save_to_run(model, run, step=2, tokenizer=byte_tokenizer())
+    capsys.readouterr()
+    assert main(argv) == 2
+    one_line_error(capsys.readouterr().err, "weights", "step_000001", "step_000002")
