@@ -163,27 +163,30 @@ def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            body = await read_json(request, server.limits)
+            parsed = await read_request(request, server.limits, parse_completion_request,
+                                        server.served_model, server.vocab_size)
         except ClientGone:
             return JSONResponse({}, status_code=499)
-        parsed = parse_completion_request(body, server.served_model, server.vocab_size)
         return await serve_completion(server, request, parsed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await read_json(request, server.limits)
+            parsed = await read_request(request, server.limits, parse_chat_request,
+                                        server.served_model)
         except ClientGone:
             return JSONResponse({}, status_code=499)
-        parsed = parse_chat_request(body, server.served_model)
         return await serve_chat(server, request, parsed)
 
     return app
 
 
-async def read_json(request: Request, limits: ServerLimits) -> Any:
-    """The body as JSON: size- and time-limited, well-formed Unicode, bounded nesting."""
-    return parse_json(await read_body(request, limits), limits)
+async def read_request(request: Request, limits: ServerLimits, parse, *args: Any) -> Any:
+    """The body, size- and time-limited, then parsed as JSON (well-formed Unicode, bounded
+    nesting) and validated by `parse(body, *args)` off the event loop: a body of millions of
+    token ids takes a while to check, and `/health` must answer meanwhile."""
+    raw = await read_body(request, limits)
+    return await asyncio.to_thread(lambda: parse(parse_json(raw, limits), *args))
 
 
 def longest_token_bytes(tokenizer) -> int:
@@ -281,6 +284,8 @@ class CompletionJob:
         self.added: list[int] = []  # per prompt: tokens the server put in front (BOS)
         self.echo_text: list[str] = []
         scoring_only = parsed.sampling.max_tokens == 0
+        if not scoring_only:  # before tokenizing what could never be admitted anyway
+            server.scheduler.check_admissible(len(parsed.prompts) * parsed.sampling.n)
         for i, prompt in enumerate(parsed.prompts):
             param = "prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):

@@ -109,12 +109,8 @@ class Scheduler:
     def submit(self, handle: Handle, prompts: list[list[int]], params: list[SamplingParams]
                ) -> None:
         """Queue generations (one per choice) or refuse them all with a 429."""
+        self.check_admissible(len(prompts))
         limit = self.engine.cache.slots + self.max_queue
-        if len(prompts) > limit:  # never admissible: retrying cannot help, so not a 429
-            raise APIError(400, f"n: the request asks for {len(prompts)} generations (prompts "
-                           f"x n); this server holds at most {limit} ({self.engine.cache.slots} "
-                           f"cache slots + a queue of {self.max_queue})", param="n",
-                           code="too_many_generations")
         with self.lock:
             if self.in_flight + len(prompts) > limit:
                 raise APIError(429, f"the server is full: {self.in_flight} generations running "
@@ -123,6 +119,16 @@ class Scheduler:
                                code="queue_full", type="rate_limit_error")
             self.in_flight += len(prompts)
         self._send(Job("add", handle, prompts, params))
+
+    def check_admissible(self, count: int) -> None:
+        """A 400 for more generations than the server can ever hold: retrying cannot help, so
+        it must not be a 429 (retrying clients would retry forever)."""
+        limit = self.engine.cache.slots + self.max_queue
+        if count > limit:
+            raise APIError(400, f"n: the request asks for {count} generations (prompts x n); "
+                           f"this server holds at most {limit} ({self.engine.cache.slots} "
+                           f"cache slots + a queue of {self.max_queue})", param="n",
+                           code="too_many_generations")
 
     def score(self, handle: Handle, prompt: list[int], top: int) -> None:
         """Ask for the log-probabilities of every prompt token (delivered as "score")."""
