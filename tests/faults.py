@@ -4,6 +4,8 @@
 contains "metrics.jsonl" fail with ENOSPC once `after` bytes went in (the first failing write
 still puts the bytes that fit, as a real full disk does). It wraps the two ways dsv4 writes:
 `os.write` (appends) and file objects from `os.fdopen` (atomic writes, torch.save).
+`monkeypatch` is pytest's fixture or a `pytest.MonkeyPatch()` (bench/hostile.py uses one in
+a child process).
 """
 
 from __future__ import annotations

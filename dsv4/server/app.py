@@ -42,7 +42,14 @@ from starlette.exceptions import HTTPException
 from dsv4.chat import encode_chat_ids
 from dsv4.engine import Engine, SamplingParams, decode_known
 from dsv4.server.choices import ChatChoice, KnownTokens, TextChoice, token_offsets
-from dsv4.server.limits import ClientGone, ServerLimits, parse_json, read_body
+from dsv4.server.limits import (
+    LARGE_BODY_BYTES,
+    ClientGone,
+    ServerLimits,
+    parse_json,
+    read_body,
+    release_free_memory,
+)
 from dsv4.server.protocol import (
     APIError,
     ChatRequest,
@@ -145,6 +152,7 @@ def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64
 
     app = FastAPI(title="dsv4", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(ReleaseMemoryAfterLargeRequests)
     install_error_handlers(app)
 
     @app.get("/health")
@@ -162,31 +170,51 @@ def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            parsed = await read_request(request, server.limits, parse_completion_request,
-                                        server.served_model, server.vocab_size)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-        return await serve_completion(server, request, parsed)
+        return await handle(server, request, serve_completion, parse_completion_request,
+                            server.served_model, server.vocab_size)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            parsed = await read_request(request, server.limits, parse_chat_request,
-                                        server.served_model)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-        return await serve_chat(server, request, parsed)
+        return await handle(server, request, serve_chat, parse_chat_request,
+                            server.served_model)
 
     return app
 
 
-async def read_request(request: Request, limits: ServerLimits, parse, *args: Any) -> Any:
-    """The body, size- and time-limited, then parsed as JSON (well-formed Unicode, bounded
-    nesting) and validated by `parse(body, *args)` off the event loop: a body of millions of
-    token ids takes a while to check, and `/health` must answer meanwhile."""
-    raw = await read_body(request, limits)
-    return await asyncio.to_thread(lambda: parse(parse_json(raw, limits), *args))
+async def handle(server: Server, request: Request, serve, parse, *args: Any):
+    """Read the body (size- and time-limited), parse it as JSON (well-formed Unicode, bounded
+    nesting) and validate it with `parse(body, *args)` off the event loop (a body of millions
+    of token ids takes a while to check; `/health` must answer meanwhile), then `serve` it.
+    After a large body, the memory it took is given back to the system."""
+    try:
+        raw = await read_body(request, server.limits)
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    if len(raw) > LARGE_BODY_BYTES:
+        request.scope[RELEASE_MEMORY] = True
+    parsed = await asyncio.to_thread(lambda: parse(parse_json(raw, server.limits), *args))
+    if getattr(parsed, "echo", False) and getattr(parsed, "logprobs", None) is not None:
+        request.scope[RELEASE_MEMORY] = True  # prompt scoring: per-token lists of any length
+    return await serve(server, request, parsed)
+
+
+RELEASE_MEMORY = "dsv4.release_memory"
+
+
+class ReleaseMemoryAfterLargeRequests:
+    """ASGI middleware: once the response of a request marked large is sent (its body parsed,
+    its prompt tokenized and scored, its JSON answer encoded), give the memory it freed back
+    to the system, so the server's resident size returns to where it was."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope.get(RELEASE_MEMORY):
+                await asyncio.to_thread(release_free_memory)
 
 
 def longest_token_bytes(tokenizer) -> int:
@@ -296,6 +324,7 @@ class CompletionJob:
                 self.echo_text.append(prompt)
             else:
                 ids = list(prompt)
+                server.check_prompt(ids, param, scoring_only)  # before decoding all of it
                 self.added.append(0)
                 self.echo_text.append(decode_known(tok, ids))
             server.check_prompt(ids, param, scoring_only)

@@ -169,6 +169,7 @@ class Scheduler:
 
     # -- the scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
+        self.scorer.start()
         while not self.stopping:
             self.wake.clear()  # before draining: a job sent after this sets it again
             self._drain_inbox()

@@ -37,8 +37,15 @@ class PromptScorer:
         self.max_tokens = max_tokens
         self.chunk = chunk
         self.jobs: deque[ScoringJob] = deque()
-        self.cache = None  # allocated at the first scoring request
+        self.cache = None  # allocated on the engine thread (`start`), once
         self.cancelled = 0
+
+    def start(self) -> None:
+        """Allocate the scoring cache now, so the server's memory does not grow later."""
+        from dsv4.cache import KVCache
+
+        if self.cache is None:
+            self.cache = KVCache(self.engine.model, 1, self.max_tokens)
 
     def add(self, handle, prompt: list[int], top: int) -> None:
         if len(prompt) > self.max_tokens:  # checked by the app first; a last line of defence
@@ -52,7 +59,6 @@ class PromptScorer:
     @torch.inference_mode()
     def advance(self) -> None:
         """Feed the next chunk of the first job; deliver its scores when the prompt is done."""
-        from dsv4.cache import KVCache
         from dsv4.engine import forward_step
 
         if not self.jobs:
@@ -62,8 +68,7 @@ class PromptScorer:
             self.jobs.popleft()
             self.cancelled += 1
             return
-        if self.cache is None:
-            self.cache = KVCache(self.engine.model, 1, self.max_tokens)
+        self.start()
         if job.done == 0:
             self.cache.reset(0)
         piece = job.prompt[job.done: job.done + self.chunk]
@@ -80,6 +85,10 @@ class PromptScorer:
         if job.done == len(job.prompt):
             self.jobs.popleft()
             job.handle.deliver(("score", 0, job.scores))
+            if len(job.prompt) > self.chunk:  # long prompts: return their buffers' memory
+                from dsv4.server.limits import release_free_memory
+
+                release_free_memory()
 
     @staticmethod
     def _scores(logprobs: torch.Tensor, targets: list[int], top: int) -> list[Score]:
