@@ -173,7 +173,7 @@ def probe_train(w: dict, tally: Tally) -> None:
 
     for name, wait_for in [("kill -9 mid-run", "metrics"), ("kill -9 inside a checkpoint write",
                                                             "tmp")]:
-        for attempt in range(3):
+        for attempt in range(2):
             run_dir = base / f"kill-{wait_for}-{attempt}"
             proc = dsv4_popen(train_args(w, run_dir, "--steps", "30"))
             hit = wait_and_kill(proc, run_dir, wait_for)
@@ -211,15 +211,17 @@ def probe_train(w: dict, tally: Tally) -> None:
 
 
 def wait_and_kill(proc: subprocess.Popen, run_dir: Path, wait_for: str) -> str:
-    """kill -9 once the run logged a step (or a checkpoint write is under way)."""
+    """kill -9 once the run logged a step (or a checkpoint write is under way), after its
+    first checkpoint (before it, there is nothing to resume: a new run starts over)."""
     deadline = time.monotonic() + 300
+    checkpoints = run_dir / "checkpoints"
     while time.monotonic() < deadline and proc.poll() is None:
-        if wait_for == "metrics" and (run_dir / "metrics.jsonl").is_file() and \
-                len(steps_of(run_dir)) >= 2:
+        if not (checkpoints / "latest").is_file():
+            time.sleep(0.005)
+            continue
+        if wait_for == "metrics" and len(steps_of(run_dir)) >= 2:
             break
-        checkpoints = run_dir / "checkpoints"
-        if wait_for == "tmp" and checkpoints.is_dir() and any(
-                p.name.endswith(".tmp") for p in checkpoints.iterdir()):
+        if wait_for == "tmp" and any(p.name.endswith(".tmp") for p in checkpoints.iterdir()):
             break
         time.sleep(0.005)
     writing = (run_dir / "checkpoints").is_dir() and any(
