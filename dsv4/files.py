@@ -38,9 +38,9 @@ class _NamedWrites:
 
 def with_path(err: OSError, path: str | os.PathLike[str]) -> OSError:
     """`err` naming `path` (an OSError raised by a write names no file)."""
-    if err.filename is not None:
+    if err.filename is not None or err.errno is None:  # named already, or not from the OS
         return err
-    return type(err)(err.errno, err.strerror or os.strerror(err.errno or 0), str(path))
+    return type(err)(err.errno, err.strerror or os.strerror(err.errno), str(path))
 
 
 def os_error_message(err: OSError) -> str:

@@ -722,22 +722,30 @@ class Trainer:
         # was saved (save_checkpoint checks) and are checked again when loaded; whether
         # training from it diverges again is not known.
         latest = self._latest_checkpoint()
-        keep = (f"the latest checkpoint {latest} (finite weights when saved) is kept; resume "
+        keep = (f"the latest checkpoint {latest} (weights checked when saved) is kept; resume "
                 f"from it with --resume (after lowering --lr, for instance)"
                 if latest is not None else "no checkpoint was written yet")
         step = self.step + 1 if step is None else step
         return f"{what} is {value} at step {step}: training stopped; {keep}"
 
-    def _check_weights_finite(self) -> None:
-        """Refuse to save weights holding NaN/inf (a finite loss does not rule them out: the
-        optimizer step after it can still produce them)."""
-        bad = [name for name, param in self.model.named_parameters()
-               if not bool(torch.isfinite(param.to_local() if hasattr(param, "to_local")
-                                          else param).all())]
+    def _check_weights_savable(self) -> None:
+        """Save only weights that loading accepts (finite, within +-MAX_WEIGHT_MAGNITUDE): a
+        finite loss does not rule out broken weights, the optimizer step after it can still
+        produce them."""
+        from dsv4.checkpoint import MAX_WEIGHT_MAGNITUDE
+
+        bad = []
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if local.numel():
+                low, high = (float(v) for v in torch.aminmax(local.detach()))
+                if not (-MAX_WEIGHT_MAGNITUDE <= low and high <= MAX_WEIGHT_MAGNITUDE):
+                    bad.append(name)
         if all_reduce_sum(torch.tensor(float(len(bad)), device=self.device)) > 0:
             what = f"parameter {bad[0]!r}" if bad else "a parameter (on another process)"
             raise TrainingDiverged(self._diverged_message(
-                "NaN/inf", what=f"{what} after the update", step=self.step))
+                f"NaN/inf or beyond +-{MAX_WEIGHT_MAGNITUDE:g}", what=f"{what} after the update",
+                step=self.step))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -860,7 +868,7 @@ class Trainer:
         `latest` is replaced last (atomically), so it always names a complete checkpoint."""
         from dsv4.checkpoint import save
 
-        self._check_weights_finite()
+        self._check_weights_savable()
         checkpoints = self.out / "checkpoints"
         folder = checkpoints / f"step_{self.step:06d}"
         plain = self._full_model()

@@ -417,3 +417,16 @@ def test_eval_resume_refuses_changed_weights_or_data(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(argv) == 2
     one_line_error(capsys.readouterr().err, "weights", "step_000001", "step_000002")
+
+
+def test_weights_that_would_not_load_are_not_saved(corpus, tmp_path, capsys) -> None:
+    """lr 1e30: the first update makes weights of ~1e29 while the loss was still finite;
+    they are refused at the save (loading would refuse them too), and nothing claims a good
+    checkpoint."""
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, "--steps", "3", "--lr", "1e30",
+                           "--warmup-steps", "0")) == 1
+    err = capsys.readouterr().err
+    assert "after the update is NaN/inf or beyond +-1e+06 at step 1" in err
+    assert "no checkpoint was written yet" in err and "Traceback" not in err
+    assert not (run / "checkpoints" / "latest").exists()
