@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dsv4.files import with_path
+
 log = logging.getLogger("dsv4.data")
 
 IGNORE_INDEX = -100  # targets the loss skips (torch's cross_entropy default)
@@ -392,7 +394,10 @@ class TokenStore:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         try:
-            _write_store(tmp, doc_source, tokenizer, val_fraction, total_bytes, progress)
+            try:
+                _write_store(tmp, doc_source, tokenizer, val_fraction, total_bytes, progress)
+            except OSError as err:  # a full disk: name the store, not a temporary file
+                raise with_path(err, folder) from None
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished the same store first: use theirs

@@ -92,9 +92,10 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         f.write("\n")
 
 
-def append_line(path: str | os.PathLike[str], line: str) -> None:
+def append_line(path: str | os.PathLike[str], line: str, durable: bool = False) -> None:
     """Append one line whole or not at all: if the write fails (a full disk), the file is cut
-    back to its previous length, so no torn line is left for the next reader."""
+    back to its previous length, so no torn line is left for the next reader. `durable`:
+    on disk (fsync) when this returns."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -103,6 +104,8 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
+            if durable:
+                os.fsync(fd)
         except OSError as err:
             os.ftruncate(fd, size)
             raise with_path(err, path) from None

@@ -2,15 +2,18 @@
 
 `full_disk(monkeypatch, "metrics.jsonl", after=10)` makes writes to any file whose path
 contains "metrics.jsonl" fail with ENOSPC once `after` bytes went in (the first failing write
-still puts the bytes that fit, as a real full disk does). It wraps the two ways dsv4 writes:
-`os.write` (appends) and file objects from `os.fdopen` (atomic writes, torch.save).
+still puts the bytes that fit, as a real full disk does). It wraps the ways dsv4 writes:
+`os.write` (appends), file objects from `os.fdopen` (atomic writes, torch.save) and from
+`open` / `Path.open` (token stores).
 `monkeypatch` is pytest's fixture or a `pytest.MonkeyPatch()` (bench/hostile.py uses one in
 a child process).
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import os
 from typing import Any
 
@@ -81,6 +84,15 @@ def full_disk(monkeypatch, match: str, after: int = 0) -> _Budget:
         f = real_fdopen(fd, *args, **kwargs)
         return _FullFile(f, budget) if match in _path_of(fd) else f
 
+    real_open = io.open
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(file, mode, *args, **kwargs)
+        writing = any(c in mode for c in "wax+")
+        return _FullFile(f, budget) if writing and match in str(file) else f
+
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
     return budget

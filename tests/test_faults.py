@@ -430,3 +430,36 @@ def test_weights_that_would_not_load_are_not_saved(corpus, tmp_path, capsys) -> 
     assert "after the update is NaN/inf or beyond +-1e+06 at step 1" in err
     assert "no checkpoint was written yet" in err and "Traceback" not in err
     assert not (run / "checkpoints" / "latest").exists()
+
+
+def test_full_disk_while_tokenizing_and_storing_eval_results(corpus, tmp_path, capsys,
+                                                             monkeypatch) -> None:
+    from dsv4.evaluate.store import ResultStore
+
+    with monkeypatch.context() as patch:
+        full_disk(patch, "tokens.bin", after=100)
+        # a fresh --cache-dir (the last one given wins): the token store is built, not reused
+        assert main(train_args(corpus, tmp_path / "run", "--steps", "1", "--cache-dir",
+                               str(tmp_path / "cache"))) == 1
+    one_line_error(capsys.readouterr().err, str(tmp_path / "cache" / "tokens"),
+                   "no space left on device")
+    store = ResultStore(tmp_path / "eval", {"suite": "x"})
+    store.add({"key": "a", "value": 1})
+    with monkeypatch.context() as patch:
+        full_disk(patch, "items.jsonl", after=5)
+        with pytest.raises(OSError, match="items.jsonl"):
+            store.add({"key": "b", "value": 2})
+    assert ResultStore(tmp_path / "eval", {"suite": "x"}).records == {"a": {"key": "a",
+                                                                            "value": 1}}
+
+
+def test_a_convert_killed_half_way_leaves_nothing_behind_the_next_one(tmp_path) -> None:
+    import dsv4
+    from dsv4.model import Transformer
+
+    dsv4.save(Transformer(tiny_config()), tmp_path / "src")
+    partial = tmp_path / ".out.k1ll3d.tmp"  # what `dsv4 convert SRC out` leaves after kill -9
+    partial.mkdir()
+    (partial / ".shard-00001.safetensors.x.tmp").write_bytes(b"\0" * 1000)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dsv4.files import write_json_atomic
+from dsv4.files import append_line, write_json_atomic
 
 ITEMS_NAME = "items.jsonl"
 SETTINGS_NAME = "settings.json"
@@ -125,10 +125,7 @@ class ResultStore:
         if "key" not in record:
             raise ValueError("a result record needs a 'key'")
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self.items_path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.items_path, line, durable=True)  # whole line or nothing, named errors
         self.records[record["key"]] = json.loads(line)
 
     def ordered(self, keys: list[str]) -> list[dict[str, Any]]:
