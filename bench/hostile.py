@@ -492,7 +492,11 @@ def probe_server(w: dict, tally: Tally) -> dict:
     tally.add("server", "20 idle + 20 slow-header connections", Outcome(
         survived=closed == 40, note=f"{closed} of 40 closed after {2 * server.HEADER_TIMEOUT:g} s"))
 
-    plain, with_logprobs = stream_seconds(server, None), stream_seconds(server, 1)
+    times: dict[int | None, float] = {}
+    for logprobs in (None, 1, None, 1):  # alternated, best of two: the machine is shared
+        took = stream_seconds(server, logprobs)
+        times[logprobs] = min(times.get(logprobs, took), took)
+    plain, with_logprobs = times[None], times[1]
     ratio = with_logprobs / plain
     tally.add("server", "streaming 800 tokens with logprobs", Outcome(
         survived=ratio < 2, note=f"{with_logprobs:.1f} s vs {plain:.1f} s without ({ratio:.2f}x)"))

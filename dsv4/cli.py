@@ -250,6 +250,9 @@ def _info_checkpoint(args: argparse.Namespace) -> int:
         if args.verify:
             load(args.checkpoint, quantized=True, verify=True)
             ckpt["notes"].append("every weight read and checked: finite, within range")
+        else:
+            ckpt["notes"].append("weight values not read here (--verify checks them, as "
+                                 "every load does)")
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     cfg = ModelConfig.from_dict(ckpt["model_config"])
