@@ -123,6 +123,15 @@ def test_text_longer_than_any_tokenization_of_the_limit_is_refused_untokenized(l
     assert "60,000 bytes of text are at least" in message and "511 allowed" in message
 
 
+def test_chat_text_longer_than_any_tokenization_is_refused_unencoded(live) -> None:
+    messages = [{"role": "user", "content": "z" * 30_000},
+                {"role": "user", "content": [{"type": "text", "text": "w" * 30_000}]}]
+    status, code, message = error_of(live.post("/v1/chat/completions",
+                                               {"model": MODEL_NAME, "messages": messages}))
+    assert (status, code) == (400, "context_length_exceeded")
+    assert "messages: 60,000 bytes of text are at least" in message
+
+
 @pytest.mark.parametrize("body, where", [
     (b'{"model": "tiny", "prompt": "a\\ud800b"}', "prompt: holds a lone surrogate \\ud800"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
