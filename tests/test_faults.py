@@ -315,7 +315,7 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_ar
     next turn encodes."""
     import signal
 
-    proc = dsv4_process("chat", *tiny_model_args, "--max-tokens", "200", "--context", "4096")
+    proc = dsv4_process("chat", *tiny_model_args, "--max-tokens", "60", "--context", "4096")
     try:
         proc.stdin.write(b"hello\n")
         proc.stdin.flush()
@@ -352,7 +352,7 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_ar
     monkeypatch.setattr(dsv4.chat, "encode_chat_ids", recording_encode_chat_ids)
     monkeypatch.setattr(dsv4.cli, "_show_event", ctrl_c_at_the_first_event)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nsecond\n/exit\n"))
-    assert main(["chat", *tiny_model_args, "--max-tokens", "200", "--context", "4096"]) == 0
+    assert main(["chat", *tiny_model_args, "--max-tokens", "20", "--context", "4096"]) == 0
     first, second = conversations
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[0] == first[0] and second[1]["content"]  # the stopped reply, kept
