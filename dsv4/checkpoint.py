@@ -45,7 +45,13 @@ import torch
 
 from dsv4 import quant
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.files import atomic_write, write_json_atomic, write_text_atomic
+from dsv4.files import (
+    atomic_write,
+    remove_temp_leftovers,
+    with_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from dsv4.model import Transformer
@@ -427,15 +433,34 @@ def resolve(path: str | os.PathLike[str]) -> Path:
         if target.name in (CONFIG_NAME, INDEX_NAME) or target.suffix == ".safetensors":
             return target.parent
         raise CheckpointError(f"{target}: expected a checkpoint folder")
-    for latest in (target / "checkpoints" / LATEST_NAME, target / LATEST_NAME):
-        if latest.is_file():
-            name = latest.read_text(encoding="utf-8").strip()
-            folder = latest.parent / name
-            if not name or not folder.is_dir():
-                raise CheckpointError(f"{latest}: names checkpoint {name!r}, which does not "
-                                      f"exist in {latest.parent}")
+    for checkpoints in (target / "checkpoints", target):
+        folder = read_latest(checkpoints)
+        if folder is not None:
             return folder
     return target
+
+
+def read_latest(checkpoints: Path) -> Path | None:
+    """The checkpoint folder `checkpoints/latest` names (None without a `latest` file). The
+    name must be a folder directly inside `checkpoints/`: `latest` never leads outside it."""
+    latest = checkpoints / LATEST_NAME
+    if not latest.is_file():
+        return None
+    raw = latest.read_bytes()[:4096]
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest}: not a checkpoint name (binary content: "
+                              f"{raw[:16]!r}...); point it at a step_* folder or remove it"
+                              ) from None
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\n" in name:
+        raise CheckpointError(f"{latest}: {name[:80]!r} is not the name of a checkpoint "
+                              f"folder inside {checkpoints}")
+    folder = checkpoints / name
+    if not folder.is_dir():
+        raise CheckpointError(f"{latest}: names checkpoint {name!r}, which does not exist in "
+                              f"{checkpoints}")
+    return folder
 
 
 def find_tokenizer(path: str | os.PathLike[str]) -> Path | None:
@@ -619,21 +644,25 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def load(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, *, quantized: bool = False,
-         progress: bool = False) -> Transformer:
+         progress: bool = False, verify: bool = True) -> Transformer:
     """Load a checkpoint folder or run directory of any layout (detected from tensor names).
 
     dtype: of the floating-point parameters ("fp32", "bf16", "fp16" or a torch dtype); None
     keeps each tensor's stored dtype, FP8/FP4 weights dequantized (exactly) to bf16.
     device: where the weights go (default CPU; tensors stream there one at a time).
     quantized: keep FP8/FP4 weights in memory and dequantize in the matmul.
+    verify: check every value as it is loaded (`check_values`: finite, within
+    +-MAX_WEIGHT_MAGNITUDE, hash-routing ids in range); a corrupted tensor is a
+    CheckpointError naming the file, tensor and index.
     """
     p = plan(path)
-    return load_plan(p, dtype=dtype, device=device, quantized=quantized, progress=progress)
+    return load_plan(p, dtype=dtype, device=device, quantized=quantized, progress=progress,
+                     verify=verify)
 
 
 def load_plan(p: CheckpointPlan, dtype: str | torch.dtype | None = None,
               device: str | torch.device | None = None, *, quantized: bool = False,
-              progress: bool = False) -> Transformer:
+              progress: bool = False, verify: bool = True) -> Transformer:
     from tqdm import tqdm
 
     from dsv4.model import Transformer
@@ -662,8 +691,13 @@ def load_plan(p: CheckpointPlan, dtype: str | torch.dtype | None = None,
             for piece in by_file[file]:
                 if piece.target in raw:
                     _fill_raw(raw[piece.target], piece, p.files)
+                    if verify:
+                        _check_raw(raw[piece.target], piece, file)
                 else:
-                    _fill(targets[piece.target], piece, p.files)
+                    filled = _fill(targets[piece.target], piece, p.files)
+                    if verify:
+                        check_values(filled, f"{file}: tensor {piece.disk!r}",
+                                     _id_bound(piece.target, p.config))
                 bar.update()
     finally:
         p.files.close()
@@ -678,8 +712,9 @@ def load_plan(p: CheckpointPlan, dtype: str | torch.dtype | None = None,
     return model
 
 
-def _fill(target: torch.Tensor, piece: Piece, files: SafetensorsFolder) -> None:
-    """Copy one piece into its (slice of the) target tensor; dequantizing if needed."""
+def _fill(target: torch.Tensor, piece: Piece, files: SafetensorsFolder) -> torch.Tensor:
+    """Copy one piece into its (slice of the) target tensor, dequantizing if needed; returns
+    the part it filled."""
     with torch.no_grad():
         dst = target[piece.expert] if piece.expert is not None else target
         if piece.encoding == "plain":
@@ -693,6 +728,67 @@ def _fill(target: torch.Tensor, piece: Piece, files: SafetensorsFolder) -> None:
         else:
             dst.copy_(quant.dequantize_fp4(files.get(piece.disk), files.get(piece.scale),
                                            piece.shape[-1]))
+    return dst
+
+
+# ---- checking the values: corrupted files must not load as a model that babbles ---------------
+# No trained weight comes near this magnitude; a flipped high exponent bit (the corruption that
+# turns a model into garbage) multiplies a weight by 2^32 or more and lands far beyond it.
+MAX_WEIGHT_MAGNITUDE = 1e6
+_CHECK_BLOCK = 1 << 24  # elements per reduction: no copy of a whole large tensor
+
+
+def _id_bound(target: str, cfg: ModelConfig) -> int | None:
+    return cfg.n_routed_experts if target.endswith(".tid2eid") else None
+
+
+def check_values(tensor: torch.Tensor, where: str, id_bound: int | None = None) -> None:
+    """Every float finite and within +-MAX_WEIGHT_MAGNITUDE; integer ids (a `tid2eid` table's
+    experts) in [0, id_bound). Cost: one more read of the loaded weights (aminmax per block),
+    measured by bench/checkpoint_memory.py."""
+    if tensor.numel() == 0:
+        return
+    flat = tensor.detach().reshape(-1)
+    if not tensor.is_floating_point():
+        low, high = int(flat.min()), int(flat.max())
+        if id_bound is not None and (low < 0 or high >= id_bound):
+            bad = low if low < 0 else high
+            raise CheckpointError(f"{where}: expert id {bad} outside [0, {id_bound}) "
+                                  "(n_routed_experts): a corrupted hash-routing table")
+        return
+    for start in range(0, flat.numel(), _CHECK_BLOCK):
+        low, high = torch.aminmax(flat[start:start + _CHECK_BLOCK])
+        low, high = float(low), float(high)
+        if not (-MAX_WEIGHT_MAGNITUDE <= low and high <= MAX_WEIGHT_MAGNITUDE):  # NaN fails
+            _report_bad_value(tensor, where)
+
+
+def _report_bad_value(tensor: torch.Tensor, where: str) -> None:
+    values = tensor.detach().float()
+    bad = ~torch.isfinite(values) | (values.abs() > MAX_WEIGHT_MAGNITUDE)
+    index = [int(i) for i in bad.nonzero()[0]]
+    value = float(values[tuple(index)])
+    what = ("NaN" if value != value else f"{value:g}" if abs(value) != float("inf") else
+            f"{value}")
+    count = int(bad.sum())
+    raise CheckpointError(f"{where}: holds {what} at index {index} ({count} value(s) not "
+                          f"finite or beyond +-{MAX_WEIGHT_MAGNITUDE:g}): corrupted weights "
+                          "(pass verify=False to load them anyway)")
+
+
+def _check_raw(parts: dict[str, torch.Tensor], piece: Piece, file: Path) -> None:
+    """Kept-quantized weights: no NaN codes (E4M3 0x7F/0xFF, E8M0 0xFF), scales in range."""
+    weight = parts["weight"] if piece.expert is None else parts["weight"][piece.expert]
+    scale = parts["scale"] if piece.expert is None else parts["scale"][piece.expert]
+    if weight.dtype == torch.float8_e4m3fn and \
+            bool(((weight.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        raise CheckpointError(f"{file}: tensor {piece.disk!r}: holds FP8 NaN codes: corrupted "
+                              "weights")
+    scale_values = scale.float()
+    if not bool(torch.isfinite(scale_values).all()) or \
+            float(scale_values.max()) > MAX_WEIGHT_MAGNITUDE:
+        raise CheckpointError(f"{file}: tensor {piece.scale!r}: scales not finite or beyond "
+                              f"+-{MAX_WEIGHT_MAGNITUDE:g}: corrupted weights")
 
 
 def _install(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
@@ -890,7 +986,14 @@ def _write_folder(target: Path, cfg: ModelConfig, format: str,
         raise CheckpointError(f"{target}: exists and is not a checkpoint folder; refusing to "
                               "replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    # A save killed earlier (kill -9, a full disk) left its partial copy beside the target;
+    # a ".old" copy is only safe to drop once the target it was replaced by exists.
+    remove_temp_leftovers(target.parent, target.name,
+                          (".tmp", ".old") if target.exists() else (".tmp",))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise with_path(err, target) from None
     try:
         os.chmod(tmp, 0o755)
         if isinstance(tensors, dict):
@@ -908,6 +1011,9 @@ def _write_folder(target: Path, cfg: ModelConfig, format: str,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as err:  # a full disk: name the checkpoint, not the temporary file
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(err.errno, err.strerror or str(err), str(target)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -121,6 +121,10 @@ def _add_info(subparsers: Any) -> None:
                              f"(default {DEFAULT_CONTEXT:,})")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the table")
+    parser.add_argument("--verify", action="store_true",
+                        help="with a checkpoint: also read every weight and check its values "
+                             "(finite, within range, hash-routing ids in range), as loading "
+                             "does; reads the whole checkpoint")
     parser.set_defaults(run=cmd_info, info_parser=parser)
 
 
@@ -239,10 +243,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _info_checkpoint(args: argparse.Namespace) -> int:
-    from dsv4.checkpoint import CheckpointError, describe
+    from dsv4.checkpoint import CheckpointError, describe, load
 
     try:
         ckpt = describe(args.checkpoint)
+        if args.verify:
+            load(args.checkpoint, quantized=True, verify=True)
+            ckpt["notes"].append("every weight read and checked: finite, within range")
+        else:
+            ckpt["notes"].append("weight values not read here (--verify checks them, as "
+                                 "every load does)")
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     cfg = ModelConfig.from_dict(ckpt["model_config"])
@@ -387,8 +397,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"dsv4 train: interrupted; {tc.out}/checkpoints/latest (if any) is intact",
               file=sys.stderr)
         return 130
-    except (TrainingError, ValueError, OSError) as err:
+    except (TrainingError, ValueError) as err:
         raise CommandError(str(err)) from None
+    except OSError as err:  # a full disk: checkpoints/latest still names a complete one
+        from dsv4.files import os_error_message
+
+        print(f"dsv4 train: error: {os_error_message(err)}; the latest checkpoint is intact: "
+              f"free space, then continue with dsv4 train --out {tc.out} --resume",
+              file=sys.stderr)
+        return 1
     return 130 if summary["interrupted"] else 0
 
 
@@ -597,18 +614,80 @@ def build_engine(args: argparse.Namespace, model, tokenizer):
     return engine, params
 
 
-def stream_text(engine, tokenizer, prompt_ids: list[int], params, write) -> tuple[str, int]:
-    """Generate, writing text as it becomes final; returns (text, tokens generated)."""
+def stream_text(engine, tokenizer, prompt_ids: list[int], params, write,
+                stopped: Callable[[], bool] = lambda: False) -> tuple[str, int]:
+    """Generate, writing text as it becomes final, until done or `stopped()`; returns (text,
+    tokens generated)."""
+    from contextlib import closing
+
     from dsv4.engine import TextStream
 
     text = TextStream(tokenizer)
     try:
-        for token in engine.stream(prompt_ids, params):
-            write(text.add(token))
+        with closing(engine.stream(prompt_ids, params)) as tokens:  # closing frees the slot
+            for token in tokens:
+                write(text.add(token))
+                if stopped():
+                    break
     except ValueError as err:  # prompt too long for the cache, ...
         raise CommandError(str(err)) from None
     write(text.flush())
     return text.text, text.count
+
+
+def check_prompt_fits(engine, ids: list[int]) -> None:
+    """Refuse a prompt the cache cannot take before anything is printed (the error names its
+    length, never echoes it)."""
+    try:
+        engine.check_prompt(ids)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+
+def utf8_text(value: str, what: str) -> str:
+    """A command-line argument as text: non-UTF-8 bytes in argv arrive as lone surrogates
+    (Python's surrogateescape), which no tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CommandError(f"{what} is not UTF-8 text (character {err.start}: byte "
+                           f"0x{ord(value[err.start]) - 0xDC00:02x})") from None
+    return value
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CommandError(f"{what} is not UTF-8 text (byte {err.start}: {err.reason})"
+                           ) from None
+
+
+def read_stdin_text() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    return decode_utf8(stream.read(), "standard input") if stream else sys.stdin.read()
+
+
+class CtrlC:
+    """While active, Ctrl-C sets `pressed` instead of raising KeyboardInterrupt in the middle
+    of an engine step: the caller stops at the next token, with the engine in a clean state."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __enter__(self) -> CtrlC:
+        import signal
+
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        self.pressed = True
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def _add_generate(subparsers: Any) -> None:
@@ -633,18 +712,21 @@ def _add_generate(subparsers: Any) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if args.prompt in (None, "-"):
+        prompt = read_stdin_text()
+    else:
+        prompt = utf8_text(args.prompt, "PROMPT")
+    for text in args.stop:
+        utf8_text(text, f"--stop {text!r}")
     model, tokenizer, label = load_inference_model(args)
     engine, params = build_engine(args, model, tokenizer)
     if args.ids:
-        try:
-            ids = [int(t) for t in prompt.split()]
-        except ValueError:
-            raise CommandError(f"--ids: {prompt!r} is not a list of integers") from None
+        ids = parse_ids(prompt)
     else:
         ids = tokenizer.encode(prompt)
         if not args.no_bos and tokenizer.bos_id is not None:
             ids = [tokenizer.bos_id] + ids
+    check_prompt_fits(engine, ids)
     start = time.perf_counter()
     if args.ids:
         try:
@@ -655,14 +737,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         count = len(out)
     else:
         sys.stdout.write(prompt)
-        _, count = stream_text(engine, tokenizer, ids, params, _write_flush)
+        with CtrlC() as ctrl_c:  # Ctrl-C ends the text cleanly, with the statistics
+            _, count = stream_text(engine, tokenizer, ids, params, _write_flush,
+                                   stopped=lambda: ctrl_c.pressed)
         sys.stdout.write("\n")
     elapsed = time.perf_counter() - start
     extra = (f", {engine.acceptance_rate:.0%} of MTP drafts accepted"
              if args.speculative else "")
+    stopped = "; stopped by Ctrl-C" if not args.ids and ctrl_c.pressed else ""
     print(f"[{label}: {len(ids)} prompt + {count} generated tokens in {elapsed:.2f} s, "
-          f"{count / max(elapsed, 1e-9):.1f} tokens/s{extra}]", file=sys.stderr)
-    return 0
+          f"{count / max(elapsed, 1e-9):.1f} tokens/s{extra}{stopped}]", file=sys.stderr)
+    return 130 if stopped else 0
+
+
+def parse_ids(prompt: str) -> list[int]:
+    ids = []
+    for i, word in enumerate(prompt.split()):
+        try:
+            ids.append(int(word))
+        except ValueError:
+            shown = prompt if len(prompt) <= 80 else prompt[:80] + "..."  # never echo it all
+            raise CommandError(f"--ids: {shown!r} is not a list of integers (word {i}: "
+                               f"{word[:40]!r})") from None
+    return ids
 
 
 def _write_flush(text: str) -> None:
@@ -691,6 +788,8 @@ def _add_chat(subparsers: Any) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from dsv4.chat import StreamParser, collect_events, encode_chat_ids
 
+    if args.system is not None:
+        utf8_text(args.system, "--system")
     model, tokenizer, label = load_inference_model(args)
     engine, params = build_engine(args, model, tokenizer)
     thinking = args.think != "none"
@@ -698,12 +797,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     if interactive:
-        print(f"dsv4 chat with {label}. /reset forgets, /exit quits.", file=sys.stderr)
+        print(f"dsv4 chat with {label}. /reset forgets, /exit quits, Ctrl-C stops a reply.",
+              file=sys.stderr)
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        try:
+            line = _read_turn()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
+            continue
+        except CommandError as err:  # one bad line: say so, keep the conversation
+            print(f"dsv4 chat: {err}; line ignored", file=sys.stderr)
+            continue
+        if line is None or line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":
             messages = list(system)
@@ -711,9 +820,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt_ids = encode_chat_ids(tokenizer, messages, thinking=thinking,
-                                     reasoning_effort=None if not thinking else args.think,
-                                     encoding=args.chat_encoding)
+        ids = encode_chat_ids(tokenizer, messages, thinking=thinking,
+                              reasoning_effort=None if not thinking else args.think,
+                              encoding=args.chat_encoding)
+        try:
+            check_prompt_fits(engine, ids)
+        except CommandError as err:  # the conversation outgrew the cache: keep it, say so
+            messages.pop()
+            print(f"dsv4 chat: {err}; /reset starts over", file=sys.stderr)
+            continue
         parser = StreamParser(thinking=thinking)
         events: list[dict] = []
 
@@ -722,13 +837,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 events.append(event)
                 _show_event(event)
 
-        stream_text(engine, tokenizer, prompt_ids, params, show)
+        with CtrlC() as ctrl_c:
+            stream_text(engine, tokenizer, ids, params, show, stopped=lambda: ctrl_c.pressed)
         for event in parser.finish():
             events.append(event)
             _show_event(event)
         print(flush=True)
+        if ctrl_c.pressed:
+            print("[reply stopped; it stays in the conversation]", file=sys.stderr)
         reply = collect_events(events, thinking=thinking)
         messages.append({k: v for k, v in reply.items() if v and k != "problems"})
+
+
+def _read_turn() -> str | None:
+    """One line of standard input (None at its end), strictly UTF-8."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream (tests, embedding)
+        return sys.stdin.readline() or None
+    raw = stream.readline()
+    return decode_utf8(raw, "the line") if raw else None
 
 
 def _show_event(event: dict) -> None:
@@ -775,6 +902,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CommandError) as err:
         print(f"dsv4 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. `dsv4 info | head`: the reader left, nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except KeyboardInterrupt:  # Ctrl-C: the user knows why; no traceback
+        print(f"\ndsv4 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk, a missing permission: one line naming the path
+        from dsv4.files import os_error_message
+
+        if isinstance(err, BrokenPipeError):  # `dsv4 info | head`: the reader left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"dsv4 {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 1
+

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dsv4.files import with_path
+
 log = logging.getLogger("dsv4.data")
 
 IGNORE_INDEX = -100  # targets the loss skips (torch's cross_entropy default)
@@ -154,11 +156,15 @@ def iter_documents(paths: Sequence[str | os.PathLike[str]] | None,
                 report.undecodable.append(str(path))
                 continue
             docs = iter([Document(text, str(path))])
+        found = False
         for doc in docs:
             if doc.text:
+                found = True
                 yield doc
             else:
                 report.empty += 1
+        if explicit and not found:  # named on purpose, yet nothing in it: a mistake
+            raise DataError(f"{path}: holds no text (an empty file or only empty documents)")
     if report.summary():
         log.warning("corpus: %s", report.summary())
 
@@ -191,28 +197,49 @@ def _text_of(record: Any, where: str) -> str:
 
 
 def _read_json_documents(path: Path) -> Iterator[Document]:
-    with path.open("r", encoding="utf-8") as f:
-        try:
-            head = f.read(1 << 16).lstrip()
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 ({err.reason})") from None
-        f.seek(0)
-        if head.startswith("["):  # one JSON array of objects
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    """`.json`: one JSON value (an array of objects, or one object, pretty-printed or not),
+    else JSON Lines; `.jsonl`: JSON Lines. Errors name the line (and the byte for UTF-8)."""
+    if path.suffix.lower() == ".json":
+        records = _whole_json(path)
+        if records is not None:
             for i, record in enumerate(records):
                 yield Document(_text_of(record, f"{path}#{i}"), f"{path}#{i}")
             return
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 (byte {err.start} of the line: "
+                                f"{err.reason})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
-            yield Document(_text_of(record, f"{path}:{lineno}"), f"{path}:{lineno}")
+                raise DataError(f"{where}: invalid JSON: {err.msg}") from None
+            yield Document(_text_of(record, where), where)
+
+
+def _whole_json(path: Path) -> list[Any] | None:
+    """The records of a `.json` file holding one JSON value; None if it holds several
+    (JSON Lines under a .json name)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {err.start}: {err.reason})") from None
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # more than one value: JSON Lines
+            return None
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    return value if isinstance(value, list) else [value]
 
 
 def _read_parquet_documents(path: Path) -> Iterator[Document]:
@@ -367,7 +394,10 @@ class TokenStore:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         try:
-            _write_store(tmp, doc_source, tokenizer, val_fraction, total_bytes, progress)
+            try:
+                _write_store(tmp, doc_source, tokenizer, val_fraction, total_bytes, progress)
+            except OSError as err:  # a full disk: name the store, not a temporary file
+                raise with_path(err, folder) from None
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished the same store first: use theirs

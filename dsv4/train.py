@@ -57,7 +57,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsv4.config import ModelConfig
-from dsv4.files import atomic_write, write_json_atomic, write_text_atomic
+from dsv4.files import (
+    FolderLock,
+    FolderLocked,
+    append_line,
+    atomic_write,
+    remove_temp_leftovers,
+    write_json_atomic,
+    write_text_atomic,
+)
 from dsv4.model import Attention, MoE, Transformer, rebuild_rope_tables
 
 IGNORE_INDEX = -100
@@ -447,7 +455,34 @@ class Trainer:
         self.out = Path(tc.out)
         self.step = 0
         self.stop_requested = False
-        self._setup(resume)
+        self.lock: FolderLock | None = None
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (its lock); the process exiting does the same."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _claim_run_folder(self) -> None:
+        """One process trains a run folder at a time (two `--resume` of one run would both
+        append to metrics.jsonl and overwrite each other's checkpoints). Holding the lock,
+        the temporary leftovers of a killed earlier process are removed and reported."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = FolderLock(self.out, what="training run")
+        except FolderLocked as err:
+            raise TrainingError(str(err)) from None
+        removed = [remove_temp_leftovers(self.out),
+                   remove_temp_leftovers(self.out / "checkpoints", suffixes=(".tmp", ".old"))]
+        count, freed = sum(r[0] for r in removed), sum(r[1] for r in removed)
+        if count:
+            self.log(f"{self.out}: removed {count} temporary file(s) or folder(s) left by an "
+                     f"interrupted write ({freed / 2**20:.1f} MiB)")
 
     # -- setup -----------------------------------------------------------------------------
     def _setup(self, resume: bool) -> None:
@@ -455,6 +490,8 @@ class Trainer:
         from dsv4.optim import build_optimizer
 
         tc = self.tc
+        if self.dist.main:
+            self._claim_run_folder()
         latest = self._latest_checkpoint()
         if resume:
             self._load_run_settings(latest)
@@ -541,10 +578,15 @@ class Trainer:
         self.tc = saved
 
     def _latest_checkpoint(self) -> Path | None:
+        from dsv4.checkpoint import CheckpointError, read_latest
+
         latest = self.out / "checkpoints" / "latest"
-        if not latest.is_file():
+        try:
+            folder = read_latest(latest.parent)
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
+        if folder is None:
             return None
-        folder = latest.parent / latest.read_text().strip()
         if not any(folder.glob("trainer*.pt")):  # trainer.pt, or trainer_rank{r}.pt (torchrun)
             raise TrainingError(f"{latest} names {folder.name}, which holds no trainer state")
         return folder
@@ -674,12 +716,36 @@ class Trainer:
             expert_load_max_violation=self.load.max_violation(),
         )
 
-    def _diverged_message(self, value: float, what: str = "loss") -> str:
+    def _diverged_message(self, value: float, what: str = "loss", step: int | None = None
+                          ) -> str:
+        # Only what is known is claimed: the latest checkpoint's weights were finite when it
+        # was saved (save_checkpoint checks) and are checked again when loaded; whether
+        # training from it diverges again is not known.
         latest = self._latest_checkpoint()
-        keep = (f"the last good checkpoint {latest} is kept; resume from it with --resume "
-                f"(after lowering --lr, for instance)" if latest is not None
-                else "no checkpoint was written yet")
-        return f"{what} is {value} at step {self.step + 1}: training stopped; {keep}"
+        keep = (f"the latest checkpoint {latest} (weights checked when saved) is kept; resume "
+                f"from it with --resume (after lowering --lr, for instance)"
+                if latest is not None else "no checkpoint was written yet")
+        step = self.step + 1 if step is None else step
+        return f"{what} is {value} at step {step}: training stopped; {keep}"
+
+    def _check_weights_savable(self) -> None:
+        """Save only weights that loading accepts (finite, within +-MAX_WEIGHT_MAGNITUDE): a
+        finite loss does not rule out broken weights, the optimizer step after it can still
+        produce them."""
+        from dsv4.checkpoint import MAX_WEIGHT_MAGNITUDE
+
+        bad = []
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if local.numel():
+                low, high = (float(v) for v in torch.aminmax(local.detach()))
+                if not (-MAX_WEIGHT_MAGNITUDE <= low and high <= MAX_WEIGHT_MAGNITUDE):
+                    bad.append(name)
+        if all_reduce_sum(torch.tensor(float(len(bad)), device=self.device)) > 0:
+            what = f"parameter {bad[0]!r}" if bad else "a parameter (on another process)"
+            raise TrainingDiverged(self._diverged_message(
+                f"NaN/inf or beyond +-{MAX_WEIGHT_MAGNITUDE:g}", what=f"{what} after the update",
+                step=self.step))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -745,8 +811,18 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
             bar.close()
             if self.dist.main:
-                plot_metrics(self.out)
+                self._plot_quietly()
         return self.summary(interrupted)
+
+    def _plot_quietly(self) -> None:
+        """The plot is a convenience: failing to write it (a full disk) must not hide the
+        error that stopped training."""
+        try:
+            plot_metrics(self.out)
+        except OSError as err:
+            from dsv4.files import os_error_message
+
+            self.log(f"loss plot not written: {os_error_message(err)}")
 
     def _on_sigint(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
         if self.stop_requested:  # a second Ctrl-C: stop now, without saving
@@ -771,16 +847,19 @@ class Trainer:
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
         if not self.dist.main:
             return
-        with open(self.out / METRICS_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_line(self.out / METRICS_NAME, json.dumps(metrics))  # whole line or nothing
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop logged steps after the checkpoint we resume from (they will be redone)."""
+        """Drop logged steps after the checkpoint we resume from (they will be redone), and a
+        torn last line (a write cut short by a kill or a full disk), saying so."""
         path = self.out / METRICS_NAME
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        rows, torn = parse_metrics(path)
+        if torn:
+            self.log(f"{path}: dropped a torn last line ({torn!r:.60}), left by an "
+                     "interrupted write")
+        kept = [json.dumps(row) for row in rows if row.get("step", 0) <= step]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -789,6 +868,7 @@ class Trainer:
         `latest` is replaced last (atomically), so it always names a complete checkpoint."""
         from dsv4.checkpoint import save
 
+        self._check_weights_savable()
         checkpoints = self.out / "checkpoints"
         folder = checkpoints / f"step_{self.step:06d}"
         plain = self._full_model()
@@ -865,7 +945,29 @@ def read_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(run) / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path)[0]
+
+
+def parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """The rows of a metrics.jsonl and its torn last line ("" if none). Only the last line
+    may be torn (an append cut short); a bad line before it is damage: a TrainingError
+    naming the line."""
+    lines = path.read_bytes().split(b"\n")
+    rows: list[dict[str, Any]] = []
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if lineno == len(lines):  # no newline after it: an interrupted append
+                return rows, raw.decode("utf-8", "replace")
+            raise TrainingError(f"{path}:{lineno}: not a metrics line ({err}); remove the "
+                                "line to continue") from None
+        rows.append(row)
+    return rows, ""
 
 
 def plot_metrics(run: str | os.PathLike[str]) -> Path | None:
@@ -940,6 +1042,13 @@ def simple_generate(model: Transformer, ids: list[int], max_tokens: int, tempera
 def train(tc: TrainConfig, resume: bool = False, log=print) -> dict[str, Any]:
     """Create (or with resume, continue) the run in tc.out and train it to tc.steps."""
     trainer = Trainer(tc, resume=resume, log=log)
+    try:
+        return _train(trainer, log)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: Trainer, log) -> dict[str, Any]:
     tc = trainer.tc
     main = trainer.dist.main
     if main:

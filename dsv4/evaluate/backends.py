@@ -72,6 +72,7 @@ class LocalBackend:
                  prefill_chunk: int = 512):
         self.model, self.tokenizer, self.label = model.eval(), tokenizer, label
         self.chat_encoding = "v4"  # dsv4.chat.ENCODINGS; set by `dsv4 eval --chat-encoding`
+        self.fingerprint: str | None = None  # which weights these are (keys the result store)
         self.capacity = min(capacity, model.cfg.max_seq_len)
         self.batch = batch
         self.prefill_chunk = prefill_chunk

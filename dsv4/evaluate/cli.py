@@ -180,6 +180,7 @@ def _backend(args: argparse.Namespace):
         raise CommandError("--model names an endpoint's model: use it with --endpoint")
     from dsv4.cli import load_inference_model
     from dsv4.evaluate.backends import LocalBackend
+    from dsv4.evaluate.store import weights_fingerprint
 
     ns = argparse.Namespace(checkpoint=args.path, preset=args.preset, config=None,
                             random=args.random, seed=args.seed, threads=args.threads,
@@ -190,6 +191,8 @@ def _backend(args: argparse.Namespace):
     name = Path(args.path).name if args.path else f"{args.preset}-random"
     backend = LocalBackend(model, tokenizer, label, capacity=args.context, batch=args.batch)
     backend.chat_encoding = args.chat_encoding
+    backend.fingerprint = (weights_fingerprint(args.path) if args.path else
+                           f"random weights, seed {args.seed}")
     return backend, _slug(name)
 
 

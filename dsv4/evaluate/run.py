@@ -27,7 +27,7 @@ from dsv4.evaluate.math import load_items as load_math_items
 from dsv4.evaluate.math import score_items as score_math
 from dsv4.evaluate.math import summarize as summarize_math
 from dsv4.evaluate.report import write_plots
-from dsv4.evaluate.store import ResultStore
+from dsv4.evaluate.store import ResultStore, data_fingerprint
 from dsv4.files import write_json_atomic
 
 SUITES = ("ppl", "niah", "tasks", "mc", "math")
@@ -107,7 +107,12 @@ def evaluate(backend, suite: str, out_dir: str | Path, options: EvalOptions | No
         raise EvalError(f"unknown suite {suite!r}: one of {', '.join(SUITES)}")
     opts = options or EvalOptions()
     out = Path(out_dir)
-    settings = {"suite": suite, "model": backend.label, **opts.suite_settings(suite)}
+    settings = {"suite": suite, "model": backend.label, **opts.suite_settings(suite),
+                # the weights and the data behind the names above: a changed checkpoint or
+                # data file is another run, not one to resume
+                "weights": getattr(backend, "fingerprint", None),
+                "data_fingerprint": data_fingerprint([*opts.data, opts.dev,
+                                                      opts.domain_module])}
     store = ResultStore(out, settings, fresh=opts.fresh)
     start = time.perf_counter()
     runner = {"ppl": _ppl, "niah": _niah, "tasks": _tasks, "mc": _mc, "math": _math}[suite]

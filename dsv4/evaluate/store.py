@@ -6,16 +6,24 @@ A suite's out directory holds `settings.json` (what was run: model, suite, data,
 the same settings reads `items.jsonl`, skips the finished keys and computes the rest. A line
 cut short by a crash (no trailing newline, invalid JSON) is dropped and rewritten. Different
 settings in the same directory are refused (the results would mix), unless `fresh=True`.
+
+The settings include fingerprints of what the results depend on besides the options: the
+weights (`weights_fingerprint`: the checkpoint folder a path resolves to, with its files' names,
+sizes and modification times; no weight is read) and the data (`data_fingerprint`: a hash of
+the benchmark files' contents). A retrained checkpoint behind the same run path, or an edited
+data file, is therefore another run, never a stale resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dsv4.files import write_json_atomic
+from dsv4.files import append_line, write_json_atomic
 
 ITEMS_NAME = "items.jsonl"
 SETTINGS_NAME = "settings.json"
@@ -23,6 +31,39 @@ SETTINGS_NAME = "settings.json"
 
 class StoreError(ValueError):
     """The out directory cannot be used for this run (other settings, unreadable items)."""
+
+
+def weights_fingerprint(path: str | os.PathLike[str]) -> str:
+    """Which weights a checkpoint path loads now: the folder it resolves to (a run's latest)
+    and the size and modification time of each file in it."""
+    from dsv4.checkpoint import resolve
+
+    folder = resolve(path)
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        stat = file.stat()
+        digest.update(f"\0{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return f"{folder.name}:{digest.hexdigest()[:16]}"
+
+
+def data_fingerprint(paths: Iterable[str | os.PathLike[str] | None]) -> str | None:
+    """A hash of the contents of the given files (every file below a folder); None if none."""
+    files: list[Path] = []
+    for given in paths:
+        if given is None:
+            continue
+        path = Path(given)
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"\0{file}\0".encode())
+        if file.is_file():  # a missing file is reported by the suite that reads it
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class ResultStore:
@@ -84,10 +125,7 @@ class ResultStore:
         if "key" not in record:
             raise ValueError("a result record needs a 'key'")
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self.items_path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.items_path, line, durable=True)  # whole line or nothing, named errors
         self.records[record["key"]] = json.loads(line)
 
     def ordered(self, keys: list[str]) -> list[dict[str, Any]]:

@@ -15,8 +15,13 @@ Decisions, documented where a client can see them:
   ends there with finish_reason "length". Without `max_tokens`, chat generates up to that
   limit and completions 16 tokens (OpenAI's legacy default).
 - A prompt that leaves no room to generate is a 400 naming `prompt` / `messages`
-  (code "context_length_exceeded"). Scoring only (`echo`, `max_tokens: 0`) needs no cache:
-  the prompt may then be as long as the model's context.
+  (code "context_length_exceeded"). Scoring only (`echo`, `max_tokens: 0`) runs through its
+  own one-slot cache, chunk by chunk between engine steps (`scoring.py`): up to
+  `max_score_tokens` tokens (default: the per-request capacity).
+- Bounded work per request (`limits.py`): the body is size- and time-limited (413 / 408)
+  before it is parsed; text longer than any tokenization of the token limit could be is
+  refused before tokenizing it, and tokenizing runs off the event loop, so `/health` answers
+  during any single request.
 """
 
 from __future__ import annotations
@@ -35,8 +40,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dsv4.chat import encode_chat_ids
-from dsv4.engine import Engine, SamplingParams, TextStream, decode_known
-from dsv4.server.choices import ChatChoice, KnownTokens, TextChoice
+from dsv4.engine import Engine, SamplingParams, decode_known
+from dsv4.server.choices import ChatChoice, KnownTokens, TextChoice, token_offsets
+from dsv4.server.limits import (
+    LARGE_BODY_BYTES,
+    ClientGone,
+    ServerLimits,
+    parse_json,
+    read_body,
+    release_free_memory,
+)
 from dsv4.server.protocol import (
     APIError,
     ChatRequest,
@@ -51,22 +64,21 @@ from dsv4.server.scheduler import Handle, Scheduler
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 
 
-class ClientGone(Exception):
-    """The HTTP client disconnected while its request was running."""
-
-
 class Server:
     """What the endpoints share: the engine's scheduler, the tokenizer, the served name."""
 
     def __init__(self, engine: Engine, tokenizer, served_model: str, max_queue: int,
-                 chat_encoding: str = "v4") -> None:
+                 chat_encoding: str = "v4", limits: ServerLimits | None = None
+                 ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat_encoding = chat_encoding  # dsv4.chat.ENCODINGS
         self.known = KnownTokens(tokenizer)
         self.served_model = served_model
-        self.scheduler = Scheduler(engine, max_queue)
+        self.limits = limits or ServerLimits()
+        self.scheduler = Scheduler(engine, max_queue, self.limits.max_score_tokens)
         self.created = int(time.time())
+        self.max_token_bytes = longest_token_bytes(tokenizer)
 
     @property
     def capacity(self) -> int:
@@ -77,14 +89,28 @@ class Server:
         return self.engine.cfg.vocab_size
 
     # -- prompts and parameters -------------------------------------------------------------
+    def prompt_limit(self, scoring_only: bool) -> int:
+        return self.scheduler.scorer.max_tokens if scoring_only else self.capacity - 1
+
     def check_prompt(self, ids: list[int], param: str, scoring_only: bool = False) -> None:
-        limit = self.engine.cfg.max_seq_len if scoring_only else self.capacity - 1
+        limit = self.prompt_limit(scoring_only)
         if len(ids) > limit:
-            room = ("the model's context" if scoring_only else
+            room = ("the scoring limit (dsv4 serve --max-score-tokens)" if scoring_only else
                     "the per-request cache capacity (leaving one token to generate)")
             raise APIError(400, f"{param}: the prompt has {len(ids)} tokens, more than the "
                            f"{limit} that {room} allows", param=param,
                            code="context_length_exceeded")
+
+    def check_text_size(self, text: str, param: str, scoring_only: bool = False) -> None:
+        """Refuse text too long to fit in any tokenization before tokenizing it: no token
+        covers more than `max_token_bytes` bytes, so this many bytes need more tokens than
+        the limit allows."""
+        limit = self.prompt_limit(scoring_only)
+        size = len(text.encode("utf-8"))
+        if size > limit * self.max_token_bytes:
+            raise APIError(400, f"{param}: {size:,} bytes of text are at least "
+                           f"{-(-size // self.max_token_bytes):,} tokens, more than the "
+                           f"{limit} allowed", param=param, code="context_length_exceeded")
 
     def engine_params(self, sampling: Sampling, prompt_len: int, sample: int,
                       logprobs: int | None) -> SamplingParams:
@@ -110,12 +136,13 @@ class Server:
 
 # ---- the app -----------------------------------------------------------------------------------
 def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64,
-               chat_encoding: str = "v4") -> FastAPI:
+               chat_encoding: str = "v4", limits: ServerLimits | None = None
+               ) -> FastAPI:
     """The FastAPI app serving `engine` (whose cache sets the batch and memory budget);
     chat prompts are rendered with `chat_encoding` (one of `dsv4.chat.ENCODINGS`)."""
     if engine.tokenizer is None:
         engine.tokenizer = KnownTokens(tokenizer)  # the engine's stop strings need one
-    server = Server(engine, tokenizer, served_model, max_queue, chat_encoding)
+    server = Server(engine, tokenizer, served_model, max_queue, chat_encoding, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -125,6 +152,7 @@ def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64
 
     app = FastAPI(title="dsv4", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(ReleaseMemoryAfterLargeRequests)
     install_error_handlers(app)
 
     @app.get("/health")
@@ -142,26 +170,57 @@ def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        parsed = parse_completion_request(body, server.served_model, server.vocab_size)
-        return await serve_completion(server, request, parsed)
+        return await handle(server, request, serve_completion, parse_completion_request,
+                            server.served_model, server.vocab_size)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
-        parsed = parse_chat_request(body, server.served_model)
-        return await serve_chat(server, request, parsed)
+        return await handle(server, request, serve_chat, parse_chat_request,
+                            server.served_model)
 
     return app
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+async def handle(server: Server, request: Request, serve, parse, *args: Any):
+    """Read the body (size- and time-limited), parse it as JSON (well-formed Unicode, bounded
+    nesting) and validate it with `parse(body, *args)` off the event loop (a body of millions
+    of token ids takes a while to check; `/health` must answer meanwhile), then `serve` it.
+    After a large body, the memory it took is given back to the system."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}",
-                       code="invalid_json") from None
+        raw = await read_body(request, server.limits)
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    if len(raw) > LARGE_BODY_BYTES:
+        request.scope[RELEASE_MEMORY] = True
+    parsed = await asyncio.to_thread(lambda: parse(parse_json(raw, server.limits), *args))
+    if getattr(parsed, "echo", False) and getattr(parsed, "logprobs", None) is not None:
+        request.scope[RELEASE_MEMORY] = True  # prompt scoring: per-token lists of any length
+    return await serve(server, request, parsed)
+
+
+RELEASE_MEMORY = "dsv4.release_memory"
+
+
+class ReleaseMemoryAfterLargeRequests:
+    """ASGI middleware: once the response of a request marked large is sent (its body parsed,
+    its prompt tokenized and scored, its JSON answer encoded), give the memory it freed back
+    to the system, so the server's resident size returns to where it was."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope.get(RELEASE_MEMORY):
+                await asyncio.to_thread(release_free_memory)
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token id decodes to (special tokens included)."""
+    return max(len(decode_known(tokenizer, [i]).encode("utf-8"))
+               for i in range(tokenizer.vocab_size))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -253,15 +312,19 @@ class CompletionJob:
         self.added: list[int] = []  # per prompt: tokens the server put in front (BOS)
         self.echo_text: list[str] = []
         scoring_only = parsed.sampling.max_tokens == 0
+        if not scoring_only:  # before tokenizing what could never be admitted anyway
+            server.scheduler.check_admissible(len(parsed.prompts) * parsed.sampling.n)
         for i, prompt in enumerate(parsed.prompts):
             param = "prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
+                server.check_text_size(prompt, param, scoring_only)
                 bos = [tok.bos_id] if tok.bos_id is not None else []
                 ids = bos + tok.encode(prompt)
                 self.added.append(len(bos))
                 self.echo_text.append(prompt)
             else:
                 ids = list(prompt)
+                server.check_prompt(ids, param, scoring_only)  # before decoding all of it
                 self.added.append(0)
                 self.echo_text.append(decode_known(tok, ids))
             server.check_prompt(ids, param, scoring_only)
@@ -289,27 +352,24 @@ class CompletionJob:
         return sum(len(c.tokens) for c in self.choices)
 
     def legacy_prompt_logprobs(self, p: int, scores: list) -> dict:
-        """OpenAI legacy logprobs of prompt p's tokens from a scoring pass."""
+        """OpenAI legacy logprobs of prompt p's tokens from a scoring pass (linear in the
+        prompt's length: offsets from incremental detokenization)."""
         ids, added = self.ids[p], self.added[p]
-        tokens, offsets = self._token_strings(ids), [0] * added
-        stream = TextStream(self.server.tokenizer)
-        for token in ids[added:]:
-            offsets.append(len(stream.text))
-            stream.add(token)
+        tokens = self._token_strings(ids)
+        offsets = [0] * added + token_offsets(self.server.tokenizer, ids[added:])
         top = [None if s is None else self._top(s[1]) for s in scores]
         return {"tokens": tokens, "token_logprobs": [None if s is None else s[0] for s in scores],
                 "top_logprobs": top, "text_offset": offsets}
 
     def legacy_generated_logprobs(self, choice: TextChoice, base: int, start: int = 0) -> dict:
         """OpenAI legacy logprobs of a choice's generated tokens [start:], offsets from
-        `base` (the length of the echoed prompt), only tokens inside the visible text."""
-        stream = TextStream(self.server.tokenizer)
+        `base` (the length of the echoed prompt), only tokens inside the visible text. Each
+        token's offset was recorded as it arrived: a streamed chunk costs its own tokens."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for k, token in enumerate(choice.tokens[: len(choice.logprobs)]):
-            offset = len(stream.text)
-            stream.add(token)
-            if k < start or offset > len(choice.text) or (k and offset == len(choice.text)
-                                                          and choice.stopped):
+        for k in range(start, len(choice.logprobs)):
+            token, offset = choice.tokens[k], choice.offsets[k]
+            if offset > len(choice.text) or (k and offset == len(choice.text)
+                                             and choice.stopped):
                 continue
             logprob, top = choice.logprobs[k]
             out["tokens"].append(self.server.token_text(token))
@@ -329,7 +389,7 @@ class CompletionJob:
 
 
 async def serve_completion(server: Server, request: Request, parsed: CompletionRequest):
-    job = CompletionJob(server, parsed)
+    job = await asyncio.to_thread(CompletionJob, server, parsed)  # tokenizing: off the loop
     if parsed.stream:
         # Submitted here, before the response starts, so a full queue is still a plain 429.
         stack = contextlib.AsyncExitStack()
@@ -355,8 +415,12 @@ async def score_prompts(server: Server, request: Request, job: CompletionJob) ->
     for p, ids in enumerate(job.ids):
         handle = server.scheduler.new_handle()
         server.scheduler.score(handle, ids, job.parsed.logprobs or 0)
-        _, _, scores = await next_item(handle, request)
-        job.prompt_logprobs[p] = job.legacy_prompt_logprobs(p, scores)
+        try:
+            _, _, scores = await next_item(handle, request)
+        except ClientGone:
+            server.scheduler.cancel(handle)  # stops the scoring at its next chunk
+            raise
+        job.prompt_logprobs[p] = await asyncio.to_thread(job.legacy_prompt_logprobs, p, scores)
 
 
 async def collect(choices: list, handle: Handle, request: Request, add) -> None:
@@ -432,11 +496,27 @@ async def stream_completion(server: Server, request: Request, job: CompletionJob
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------
+def verbatim_text(messages: list[dict]) -> str:
+    """The message text that the chat prompt holds verbatim (contents and reasoning): a lower
+    bound of the prompt's size, known before encoding it."""
+    pieces = []
+    for message in messages:
+        for key in ("content", "reasoning_content"):
+            value = message.get(key)
+            if isinstance(value, str):
+                pieces.append(value)
+            elif isinstance(value, list):
+                pieces += [part["text"] for part in value
+                           if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return "".join(pieces)
+
+
 class ChatJob:
     """A parsed chat request encoded with the V4 chat template, one choice per sample."""
 
     def __init__(self, server: Server, parsed: ChatRequest) -> None:
         self.server, self.parsed = server, parsed
+        server.check_text_size(verbatim_text(parsed.messages), "messages")
         try:
             # Built from pieces: text from the request never becomes a control token.
             self.ids = encode_chat_ids(
@@ -479,7 +559,7 @@ class ChatJob:
 
 
 async def serve_chat(server: Server, request: Request, parsed: ChatRequest):
-    job = ChatJob(server, parsed)
+    job = await asyncio.to_thread(ChatJob, server, parsed)  # encoding, tokenizing: off the loop
     if parsed.stream:
         stack = contextlib.AsyncExitStack()
         handle, done = await stack.enter_async_context(

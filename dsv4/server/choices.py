@@ -37,6 +37,25 @@ class KnownTokens:
         return decode_known(self.tokenizer, list(ids))
 
 
+MAX_UNDECIDED_TOKENS = 8
+
+
+def token_offsets(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token's text starts in the decoded text, as a `TextStream` fed these ids
+    would show them (a token completing a multi-byte character after bytes held back starts
+    where the held bytes start), in linear time: only the undecided tail is decoded again."""
+    offsets, final_length, undecided_from = [], 0, 0
+    for k in range(len(ids)):
+        offsets.append(final_length)
+        piece = decode_known(tokenizer, ids[undecided_from: k + 1])
+        # A character has at most 4 bytes: a longer undecided tail never becomes one (random
+        # bytes), and waiting longer would make this quadratic again.
+        if not piece.endswith("\ufffd") or k + 1 - undecided_from >= MAX_UNDECIDED_TOKENS:
+            final_length += len(piece)
+            undecided_from = k + 1
+    return offsets
+
+
 class TextChoice:
     """One generation's visible text (see the module docstring)."""
 
@@ -48,6 +67,7 @@ class TextChoice:
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False  # a stop string appeared: later tokens are not shown
         self.tokens: list[int] = []
+        self.offsets: list[int] = []  # per token: where its text starts in the decoded text
         self.logprobs: list[tuple[float | None, list[tuple[int, float]]]] = []
         self.finish_reason: str | None = None
 
@@ -60,6 +80,7 @@ class TextChoice:
         out = ""
         if event.token is not None and not self.stopped:
             self.tokens.append(event.token)
+            self.offsets.append(len(self.stream.text))
             if event.token_logprob is not None:
                 self.logprobs.append((event.token_logprob, event.top_logprobs or []))
             out = self._take(self.stream.add(event.token), final=False)

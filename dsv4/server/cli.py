@@ -20,6 +20,11 @@ from dsv4.cli import (
     format_bytes,
     positive_int,
 )
+from dsv4.server.protocol import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+)
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_CONTEXT = 8192
@@ -86,6 +91,20 @@ def _add_serve(subparsers: Any) -> None:
     budget.add_argument("--prefill-chunk", type=positive_int, default=512, metavar="N",
                         help="most prompt tokens a request feeds per engine step, so long "
                              "prompts do not stall the running batch (default 512)")
+    bounds = parser.add_argument_group("limits per request and connection")
+    bounds.add_argument("--max-body-bytes", type=byte_size, default=DEFAULT_MAX_BODY_BYTES,
+                        metavar="SIZE", help="largest request body; larger: HTTP 413 before "
+                        "reading it (default 8MiB)")
+    bounds.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        metavar="S", help="seconds a client may take to send its body; longer: "
+                        f"HTTP 408 (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    bounds.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        metavar="S", help="seconds a connection may stay open without sending "
+                        "a complete request head (idle or slow clients are closed; default "
+                        f"{DEFAULT_HEADER_TIMEOUT_S:g})")
+    bounds.add_argument("--max-score-tokens", type=positive_int, default=None, metavar="N",
+                        help="longest prompt scored by echo + max_tokens 0 + logprobs (default: "
+                             "the per-request capacity; at most the model's max_seq_len)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                          help="weights and cache dtype (default bf16)")
@@ -109,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from dsv4.cli import load_inference_model
     from dsv4.server.app import create_app
+    from dsv4.server.limits import ServerLimits, bounded_protocol
 
     if not (args.checkpoint or args.preset or args.config):
         raise CommandError("give a model: dsv4 serve RUN_OR_CHECKPOINT, or --preset NAME "
@@ -117,12 +137,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-queue {args.max_queue}: must be at least 0")
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port}: must be in [0, 65535]")
+    for flag in ("body_timeout", "header_timeout"):
+        if not getattr(args, flag) > 0:
+            raise CommandError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a "
+                               "positive number of seconds")
     model, tokenizer, label = load_inference_model(args)
     capacity = request_capacity(model, args)
     engine = build_serving_engine(model, args, capacity)
     name = args.served_model_name or default_model_name(args)
+    if args.max_score_tokens is not None and args.max_score_tokens > model.cfg.max_seq_len:
+        raise CommandError(f"--max-score-tokens {args.max_score_tokens}: more than the model's "
+                           f"max_seq_len {model.cfg.max_seq_len}")
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+                          header_timeout_s=args.header_timeout,
+                          max_score_tokens=args.max_score_tokens)
     app = create_app(engine, tokenizer, name, max_queue=args.max_queue,
-                     chat_encoding=args.chat_encoding)
+                     chat_encoding=args.chat_encoding, limits=limits)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -134,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"dsv4 serve: {label} as {name!r}: {args.max_batch} slots x {capacity:,} tokens, "
           f"cache {format_bytes(cache_bytes)}, queue {args.max_queue}", file=sys.stderr)
     print(f"listening on http://{args.host}:{port}/v1", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                            http=bounded_protocol(args.header_timeout))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

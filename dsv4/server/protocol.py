@@ -26,6 +26,13 @@ MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5  # completions: top-N alternatives (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs (OpenAI's limit)
 
+# Bounds on what one request or connection may take (enforced in limits.py; here so that the
+# command line quotes them without importing the web stack).
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels; tool schemas a few more
+
 # Accepted and without effect on a single local model.
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 

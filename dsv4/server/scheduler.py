@@ -22,10 +22,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-import torch
-
 from dsv4.engine import Engine, SamplingParams, sample_params
 from dsv4.server.protocol import APIError
+from dsv4.server.scoring import PromptScorer
 
 log = logging.getLogger("dsv4.server")
 
@@ -77,9 +76,12 @@ class Job:
 class Scheduler:
     """Runs the engine loop on its own thread; see the module docstring."""
 
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, max_score_tokens: int | None = None
+                 ) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        self.scorer = PromptScorer(engine, max_score_tokens or engine.capacity,
+                                   engine.prefill_chunk)
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.lock = threading.Lock()
@@ -107,6 +109,7 @@ class Scheduler:
     def submit(self, handle: Handle, prompts: list[list[int]], params: list[SamplingParams]
                ) -> None:
         """Queue generations (one per choice) or refuse them all with a 429."""
+        self.check_admissible(len(prompts))
         limit = self.engine.cache.slots + self.max_queue
         with self.lock:
             if self.in_flight + len(prompts) > limit:
@@ -116,6 +119,16 @@ class Scheduler:
                                code="queue_full", type="rate_limit_error")
             self.in_flight += len(prompts)
         self._send(Job("add", handle, prompts, params))
+
+    def check_admissible(self, count: int) -> None:
+        """A 400 for more generations than the server can ever hold: retrying cannot help, so
+        it must not be a 429 (retrying clients would retry forever)."""
+        limit = self.engine.cache.slots + self.max_queue
+        if count > limit:
+            raise APIError(400, f"n: the request asks for {count} generations (prompts x n); "
+                           f"this server holds at most {limit} ({self.engine.cache.slots} "
+                           f"cache slots + a queue of {self.max_queue})", param="n",
+                           code="too_many_generations")
 
     def score(self, handle: Handle, prompt: list[int], top: int) -> None:
         """Ask for the log-probabilities of every prompt token (delivered as "score")."""
@@ -143,6 +156,8 @@ class Scheduler:
                                     if n > 0),
             "cache_bytes_total": cache.bytes_by_kind()["total"],
             "cancelled": self.cancelled,
+            "scoring_waiting": len(self.scorer.jobs),
+            "scoring_cancelled": self.scorer.cancelled,
             "engine_steps": self.steps,
             "engine_step_seconds": round(self.step_seconds, 6),
             "engine_failures": self.failures,
@@ -154,12 +169,15 @@ class Scheduler:
 
     # -- the scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
+        self.scorer.start()
         while not self.stopping:
             self.wake.clear()  # before draining: a job sent after this sets it again
             self._drain_inbox()
+            if self.scorer.has_work():  # one chunk, between engine steps
+                self._score_chunk()
             if self.engine.has_work():
                 self._step()
-            else:
+            elif not self.scorer.has_work():
                 self.wake.wait(timeout=1.0)
 
     def _drain_inbox(self) -> None:
@@ -191,7 +209,7 @@ class Scheduler:
                     self.owners[rid] = (job.handle, choice + k)
             choice += n
 
-    def _do_cancel(self, job: Job) -> None:
+    def _do_cancel(self, job: Job) -> None:  # a cancelled scoring job stops at its next chunk
         for rid, (handle, _) in list(self.owners.items()):
             if handle is job.handle:
                 self.cancelled += self.engine.cancel(rid)
@@ -200,8 +218,17 @@ class Scheduler:
 
     def _do_score(self, job: Job) -> None:
         if not job.handle.cancelled:
-            job.handle.deliver(("score", 0, prompt_logprobs(self.engine, job.prompts[0],
-                                                            job.top)))
+            self.scorer.add(job.handle, job.prompts[0], job.top)
+
+    def _score_chunk(self) -> None:
+        job = self.scorer.jobs[0]
+        try:
+            self.scorer.advance()
+        except Exception as err:  # noqa: BLE001 — fail this request, keep serving
+            self.scorer.jobs.remove(job)
+            log.error("scoring failed:\n%s", traceback.format_exc())
+            job.handle.deliver(("error", None, APIError(500, f"internal error while scoring: "
+                                                        f"{err}", type="server_error")))
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -241,7 +268,6 @@ class Scheduler:
             self.in_flight -= count
 
 
-@torch.inference_mode()
 def sample_runs(prompts: list[list[int]], params: list[SamplingParams], max_rows: int):
     """(prompt, params, n) runs of choices that are n samples of one prompt, as
     `Engine.add_samples` makes them (seeds seed, seed+1, ...): fed to the model once."""
@@ -253,22 +279,3 @@ def sample_runs(prompts: list[list[int]], params: list[SamplingParams], max_rows
             n += 1
         yield prompts[start], first, n
         start += n
-
-
-def prompt_logprobs(engine: Engine, prompt: list[int], top: int
-                    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    """For each prompt token, its log-probability given the tokens before it and the `top` most
-    likely alternatives there (None for the first token, which has no context). One full
-    forward of the network, outside the cache: a scoring pass for log-likelihood evaluation."""
-    model = engine.model
-    ids = torch.tensor([prompt], device=engine.device)
-    logprobs = model(ids)[0, :-1].float().log_softmax(-1)  # [S-1, V]: predicts tokens 1..S-1
-    targets = ids[0, 1:]
-    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-    best = logprobs.topk(top, dim=-1) if top else None
-    out: list = [None]
-    for i, value in enumerate(chosen):
-        alternatives = (list(zip(best.indices[i].tolist(), best.values[i].tolist()))
-                        if best is not None else [])
-        out.append((value, alternatives))
-    return out
