@@ -180,8 +180,12 @@ class CompiledDecode:
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.buckets))
-        mode = "reduce-overhead" if cache.lengths.device.type == "cuda" else None
-        self.step = torch.compile(self.logits, dynamic=False, fullgraph=True, mode=mode)
+        if cache.lengths.device.type == "cuda":
+            self.step = torch.compile(self.logits, dynamic=False, fullgraph=True,
+                                      mode="reduce-overhead")
+        else:  # a C++ wrapper calls the step's many small kernels without Python in between
+            self.step = torch.compile(self.logits, dynamic=False, fullgraph=True,
+                                      options={"cpp_wrapper": True})
         self.compiled: set[int] = set()
         self.compile_seconds = 0.0  # first calls of each bucket: tracing and code generation
 
