@@ -602,9 +602,12 @@ def build_engine(args: argparse.Namespace, model, tokenizer):
     if args.speculative:
         args.temperature = 0.0
     capacity = min(args.context, model.cfg.max_seq_len)
-    engine = Engine(model, max_batch=1, capacity=capacity, tokenizer=tokenizer,
-                    speculative=args.speculative, kv_fp8=args.kv_fp8, seed=args.seed,
-                    compile=compile_requested(args))
+    try:
+        engine = Engine(model, max_batch=1, capacity=capacity, tokenizer=tokenizer,
+                        speculative=args.speculative, kv_fp8=args.kv_fp8, seed=args.seed,
+                        compile=compile_requested(args))
+    except ValueError as err:  # e.g. --compile with --speculative, kv_fp8 with this head size
+        raise CommandError(str(err)) from None
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
     try:

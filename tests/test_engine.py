@@ -273,3 +273,6 @@ def test_compiled_decode_greedy_equals_eager() -> None:
     engine = Engine(model, max_batch=4, capacity=256, compile=True)
     assert engine.generate(prompts, params) == eager
     assert engine.compiled.compiled == {4} and engine.compiled.compile_seconds > 0
+    for other in ({"record": True}, {"speculative": True}):
+        with pytest.raises(ValueError, match="compile=True compiles plain decoding"):
+            Engine(model, compile=True, **other)
