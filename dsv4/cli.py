@@ -744,9 +744,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _, count = stream_text(engine, tokenizer, ids, params, _write_flush,
                                    stopped=lambda: ctrl_c.pressed)
         sys.stdout.write("\n")
-    elapsed = time.perf_counter() - start
+    compiling = engine.compiled.compile_seconds if engine.compiled is not None else 0.0
+    elapsed = time.perf_counter() - start - compiling
     extra = (f", {engine.acceptance_rate:.0%} of MTP drafts accepted"
              if args.speculative else "")
+    extra += f"; {compiling:.1f} s compiling, not counted" if compiling else ""
     stopped = "; stopped by Ctrl-C" if not args.ids and ctrl_c.pressed else ""
     print(f"[{label}: {len(ids)} prompt + {count} generated tokens in {elapsed:.2f} s, "
           f"{count / max(elapsed, 1e-9):.1f} tokens/s{extra}{stopped}]", file=sys.stderr)
