@@ -111,18 +111,9 @@ def judge_error(rc: int, err: str, must_name: str, want_rc: int | None = None) -
 
 # ---- fixtures ---------------------------------------------------------------------------------
 def make_world(root: Path) -> dict[str, Path]:
-    import sysconfig
+    from tests.parity_utils import stdlib_corpus
 
-    from tests.parity_utils import tiny_config
-
-    data = root / "data"
-    data.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py"):
-        (data / name).write_text((stdlib / name).read_text())
-    config = root / "tiny.json"
-    tiny_config(vocab_size=384, n_hash_layers=1, max_seq_len=4096).save(config)
-    return dict(root=root, data=data, config=config, cache=root / "cache")
+    return stdlib_corpus(root, max_seq_len=4096)
 
 
 def train_args(w: dict, out: Path, *extra: str) -> list[str]:

@@ -1,8 +1,11 @@
-"""Shared helpers for tests that compare dsv4 with transformers' DeepseekV4ForCausalLM."""
+"""Shared helpers for tests that compare dsv4 with transformers' DeepseekV4ForCausalLM, and a
+tiny training corpus."""
 
 from __future__ import annotations
 
 import math
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -82,3 +85,19 @@ def hf_model_from(model: Transformer):
     missing = [k for k in missing if "inv_freq" not in k]
     assert not missing and not unexpected, (missing, unexpected)
     return hf
+
+
+STDLIB_MODULES = ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py")
+
+
+def stdlib_corpus(root: Path, modules=STDLIB_MODULES, **config) -> dict[str, Path]:
+    """A tiny model config (`tiny.json`, vocab 384, one hash layer, `config` overrides) and a
+    small real corpus: a few modules of the running Python's standard library."""
+    data = root / "data"
+    data.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in modules:
+        (data / name).write_text((stdlib / name).read_text())
+    path = root / "tiny.json"
+    tiny_config(vocab_size=384, n_hash_layers=1, **config).save(path)
+    return dict(root=root, data=data, config=path, cache=root / "cache")

@@ -16,24 +16,14 @@ from dsv4.checkpoint import save_to_run
 from dsv4.cli import main
 from dsv4.train import read_metrics
 from tests.faults import full_disk
-from tests.parity_utils import tiny_config
+from tests.parity_utils import stdlib_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    import sysconfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    data = root / "data"
-    data.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py"):
-        (data / name).write_text((stdlib / name).read_text())
-    config = root / "tiny.json"
-    tiny_config(vocab_size=384, n_hash_layers=1).save(config)
-    return dict(data=data, config=config, cache=root / "cache")
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def train_args(corpus: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -29,7 +29,7 @@ from dsv4.train import (
     read_metrics,
     sequence_balance_loss,
 )
-from tests.parity_utils import tiny_config
+from tests.parity_utils import STDLIB_MODULES, stdlib_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,18 +133,9 @@ def test_help_quotes_the_real_defaults() -> None:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """A tiny model config and a small real corpus (a few stdlib modules)."""
-    import sysconfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    data = root / "data"
-    data.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py",
-                 "copy.py", "keyword.py", "colorsys.py", "queue.py", "sched.py", "graphlib.py"):
-        (data / name).write_text((stdlib / name).read_text())
-    config = root / "tiny.json"
-    tiny_config(vocab_size=384, n_hash_layers=1).save(config)
-    return dict(data=data, config=config, cache=root / "cache")
+    modules = STDLIB_MODULES + ("heapq.py", "copy.py", "keyword.py", "colorsys.py", "queue.py",
+                                "sched.py", "graphlib.py")
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), modules)
 
 
 def train_args(corpus: dict[str, Path], out: Path, *extra: str) -> list[str]:
