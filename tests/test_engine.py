@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.engine import Engine, SamplingParams
+from dsv4.engine import Engine, SamplingParams, draw_tokens, filter_logits
 from dsv4.model import Transformer
 from dsv4.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
@@ -89,6 +89,29 @@ def test_top_k_and_top_p_restrict_the_choice(model, prompts) -> None:
                                                            max_tokens=1))[0][0]
               for s in range(40)}
     assert firsts <= top3 and len(firsts) > 1
+
+
+def test_batched_draws_follow_the_filtered_distribution() -> None:
+    """draw_tokens: each row drawn from softmax(filtered logits / T) with its own generator;
+    the reported log-prob and kept set are those of that distribution."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 20_000
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=4),
+                   SamplingParams(temperature=1.0, top_p=0.8)):
+        generators = [torch.Generator().manual_seed(i) for i in range(rows)]
+        draws = draw_tokens(logits.expand(rows, -1), [params] * rows, generators, kept_sets=True)
+        expected = filter_logits(logits, params).softmax(-1)
+        counts = torch.bincount(torch.tensor([d.token for d in draws]), minlength=6) / rows
+        assert torch.allclose(counts, expected, atol=0.015), (params, counts, expected)
+        assert counts[expected == 0].sum() == 0  # filtered tokens are never drawn
+        first = draws[0]
+        assert first.logprob == pytest.approx(float(expected[first.token].log()), abs=1e-5)
+        kept = None if bool((expected > 0).all()) else (expected > 0).nonzero().squeeze(1)
+        assert (first.kept is None) == (kept is None)
+        assert kept is None or first.kept.tolist() == kept.tolist()
+    again = draw_tokens(logits.expand(3, -1), [SamplingParams(), GREEDY, SamplingParams()],
+                        [torch.Generator().manual_seed(i) for i in (5, 0, 5)])
+    assert again[1].token == 0 and again[0].token == again[2].token
 
 
 def test_stop_tokens_stop_strings_and_max_tokens(model, prompts, references) -> None:

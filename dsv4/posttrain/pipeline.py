@@ -114,6 +114,7 @@ def run_posttrain(cfg: PosttrainConfig, log: Callable[[str], None] = print) -> d
     write_json_atomic(out / RESULTS_NAME, results)
     plot_accuracy(results, names, out / PLOT_NAME)
     log(format_table(results, names))
+    log(format_timings(timings))
     log(f"results in {out / RESULTS_NAME}, plot {out / PLOT_NAME}; "
         f"{results['wall_seconds'] / 60:.1f} min")
     return results
@@ -242,6 +243,17 @@ def format_table(results: dict[str, Any], names: list[str]) -> str:
         cells = "".join((f"{accs[n]:.3f}" if n in accs else "-").rjust(width) for n in names)
         lines.append(title.ljust(label) + cells)
     return "\n".join(lines)
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """Minutes per kind of stage (SFT, GRPO, distillation, evaluation), then per stage."""
+    kinds = {"sft": ("base", "sft-"), "grpo": ("specialist-",), "distill": ("student",),
+             "eval": ("eval-",)}
+    totals = {kind: sum(t for stage, t in timings.items() if stage.startswith(prefixes))
+              for kind, prefixes in kinds.items()}
+    head = ", ".join(f"{kind} {t / 60:.1f}" for kind, t in totals.items())
+    return (f"stage minutes: {head}\n  "
+            + ", ".join(f"{stage} {t / 60:.1f}" for stage, t in timings.items()))
 
 
 def plot_accuracy(results: dict[str, Any], names: list[str], path: Path) -> Path:
