@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4 import costs
-from dsv4.cache import CacheError, KVCache
-from dsv4.engine import forward_step
-from dsv4.model import Transformer
+from dsv4.inference.cache import CacheError, KVCache
+from dsv4.inference.engine import forward_step
+from dsv4.model import costs
+from dsv4.model.network import Transformer
 from tests.parity_utils import hf_model_from, randomize, tiny_config
 
 ATOL = RTOL = 1e-4
@@ -184,7 +184,7 @@ def test_copied_slot_continues_like_the_original() -> None:
 
 
 def test_top_k_ties_go_to_the_lower_index() -> None:
-    from dsv4.model import top_k_mask
+    from dsv4.model.network import top_k_mask
 
     scores = torch.tensor([[0.5, 0.0, 0.9, 0.0, 0.0, -1.0],
                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],

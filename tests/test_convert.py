@@ -12,10 +12,11 @@ import safetensors.torch
 import torch
 
 import dsv4
-from dsv4 import checkpoint, quant
 from dsv4.cli import main
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.model import quant
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
+from dsv4.weights import checkpoint
 from tests.parity_utils import randomize, tiny_config
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.engine import Engine, SamplingParams
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.inference.engine import Engine, SamplingParams
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)

@@ -195,10 +195,10 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_nano():
     """The served model, in this process: same preset, seed and dtype."""
-    from dsv4.config import ModelConfig
     from dsv4.evaluate.backends import LocalBackend
-    from dsv4.model import Transformer
-    from dsv4.tokenizer import byte_tokenizer
+    from dsv4.model.config import ModelConfig
+    from dsv4.model.network import Transformer
+    from dsv4.text.tokenizer import byte_tokenizer
 
     model = Transformer(ModelConfig.from_preset("nano"))
     model.init_weights(seed=0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dsv4 import ModelConfig, Transformer
-from dsv4.optim import (
+from dsv4.pretrain.optim import (
     NS_FAST,
     NS_POLISH,
     Muon,

@@ -8,10 +8,10 @@ import json
 import pytest
 
 import dsv4
-from dsv4.checkpoint import save_to_run
 from dsv4.cli import main
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
+from dsv4.weights.checkpoint import save_to_run
 from tests.parity_utils import randomize, tiny_config
 
 TINY_STAGES = ["--sft-steps", "2", "--specialist-sft-steps", "1", "--grpo-steps", "1",
@@ -113,7 +113,7 @@ def test_grpo_trains_only_groups_with_mixed_rewards(tiny_run, tmp_path, reward) 
 
     from dsv4.posttrain.common import load_model_and_tokenizer
     from dsv4.posttrain.grpo import GRPOConfig, run_grpo
-    from dsv4.posttrain.tasks import FunctionDomain, Problem
+    from dsv4.tasks import FunctionDomain, Problem
 
     def check(problem: Problem, response: str) -> bool:  # ~half the random samples pass
         return reward == "mixed" and len(response.encode()) % 2 == 0

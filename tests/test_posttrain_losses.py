@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from dsv4.engine import SamplingParams
-from dsv4.model import Transformer
+from dsv4.inference.engine import SamplingParams
+from dsv4.model.network import Transformer
 from dsv4.posttrain.common import (
     policy_logprobs,
     rollout_batch,

@@ -17,8 +17,8 @@ import torch
 
 import dsv4
 from dsv4.cli import build_parser, main
-from dsv4.model import Attention
-from dsv4.train import (
+from dsv4.model.network import Attention
+from dsv4.pretrain.train import (
     ExpertLoad,
     TrainConfig,
     TrainingError,
@@ -181,7 +181,7 @@ def test_a_run_writes_everything_and_ends_sparse(corpus, tmp_path: Path, capsys)
 def test_resume_continues_exactly(corpus, tmp_path: Path) -> None:
     """A run stopped at step 2 and resumed to step 4 has the uninterrupted run's losses,
     bit for bit (CPU)."""
-    from dsv4.train import train
+    from dsv4.pretrain.train import train
 
     def settings(out: Path, steps: int) -> TrainConfig:
         # the same plan for both runs: the schedule is fixed when a run is created

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model import MoE, RoutedExperts, act_quant, swiglu
+from dsv4.model.network import MoE, RoutedExperts, act_quant, swiglu
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
