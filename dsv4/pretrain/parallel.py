@@ -1,6 +1,6 @@
 """Expert parallelism for `dsv4 train --expert-parallel` (torchrun), applied from the outside.
 
-`model.py` stays a single-device definition; `expert_parallel(model, mesh)` swaps every MoE
+`model/network.py` stays a single-device definition; `expert_parallel(model, mesh)` swaps every MoE
 layer's `RoutedExperts` (main layers and MTP block) for `ExpertParallelExperts`, which keeps
 only this rank's E/N experts. The scheme is the simple exact one:
 
