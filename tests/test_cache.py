@@ -48,7 +48,8 @@ PREFILL_LENGTHS = [1, 2, 3, 4, 5, 126, 127, 128, 129, 130, 254, 255, 256, 257]
 DECODE_STEPS = 7
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 64, 128, 300])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow), 64, 128, 300])
 def test_chunked_prefill_then_batched_decode_equals_full_forward(model, chunk) -> None:
     # Tiny chunks mean many steps: fewer lengths, still every residue mod 4 and 128 +- 1.
     lengths = {1: [1, 3, 6, 130], 3: [1, 2, 3, 4, 5, 127, 128, 129, 130]}.get(
@@ -87,6 +88,7 @@ def test_long_sequence_every_position() -> None:
     torch.testing.assert_close(torch.cat(got), reference[:start], atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_teacher_forced_decode_equals_transformers_cached_decoding() -> None:
     from transformers import DynamicCache
 

@@ -439,6 +439,7 @@ print(json.dumps({"growth": status("VmHWM:") - before, "model": held}))
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_peak_memory_of_loading_is_near_the_model_size(tmp_path: Path) -> None:
     """Sharded official FP8/FP4 checkpoint of a ~30M-parameter model, loaded in a fresh
     process: the peak RSS grows by at most 1.3x the bytes of the loaded model."""
@@ -456,6 +457,7 @@ def test_peak_memory_of_loading_is_near_the_model_size(tmp_path: Path) -> None:
     assert result["growth"] <= 1.3 * result["model"], result
 
 
+@pytest.mark.slow
 def test_import_dsv4_stays_light() -> None:
     import subprocess
     import sys

@@ -164,6 +164,7 @@ def test_bad_dtype_for_layout(tmp_path: Path, official: Path,
     assert code == 2 and "official format only" in err
 
 
+@pytest.mark.slow
 def test_convert_in_a_real_process(tmp_path: Path, official: Path) -> None:
     dst = tmp_path / "hf"
     done = subprocess.run([sys.executable, "-m", "dsv4", "convert", str(official), str(dst),

@@ -14,6 +14,8 @@ import pytest
 from dsv4.pretrain.train import read_metrics
 from tests.parity_utils import tiny_config
 
+pytestmark = pytest.mark.slow  # torchrun: real processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -259,6 +259,7 @@ def test_record_mode_refuses_speculation(model) -> None:
         Engine(model, speculative=True, record=True)
 
 
+@pytest.mark.slow
 def test_compiled_decode_greedy_equals_eager() -> None:
     """`Engine(compile=True)`: the decode step traced whole with static shapes (3 requests
     padded to the bucket of 4) gives eager's greedy tokens across CSA and HCA boundaries.

@@ -211,6 +211,7 @@ def _model_id(url: str) -> str:
 
 
 @needs_server
+@pytest.mark.slow
 def test_served_ppl_and_mc_equal_the_local_model(served, local_nano, tmp_path) -> None:
     backend = EndpointBackend(served, _model_id(served), concurrency=4, timeout=120)
     text = tmp_path / "doc.txt"
@@ -234,6 +235,7 @@ def test_served_ppl_and_mc_equal_the_local_model(served, local_nano, tmp_path) -
 
 
 @needs_server
+@pytest.mark.slow
 def test_served_niah_and_cli(served, tmp_path, capsys) -> None:
     from dsv4.cli import main
 

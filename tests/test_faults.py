@@ -42,6 +42,7 @@ def one_line_error(err: str, *names: str) -> None:
 
 
 # ---- a full disk --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_disk_during_a_metrics_append_leaves_a_run_that_resumes(corpus, tmp_path, capsys,
                                                                     monkeypatch) -> None:
     run = tmp_path / "run"
@@ -59,6 +60,7 @@ def test_full_disk_during_a_metrics_append_leaves_a_run_that_resumes(corpus, tmp
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_metrics_line_and_says_so(corpus, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     assert main(train_args(corpus, run, "--steps", "2")) == 0
@@ -72,6 +74,7 @@ def test_resume_drops_a_torn_last_metrics_line_and_says_so(corpus, tmp_path, cap
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_damage_before_the_last_metrics_line_is_named(corpus, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     assert main(train_args(corpus, run, "--steps", "2")) == 0
@@ -82,6 +85,7 @@ def test_damage_before_the_last_metrics_line_is_named(corpus, tmp_path, capsys) 
     one_line_error(capsys.readouterr().err, f"{run / 'metrics.jsonl'}:1")
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_names_the_checkpoint_and_keeps_latest(corpus, tmp_path, capsys,
                                                                       monkeypatch) -> None:
     run = tmp_path / "run"
@@ -116,6 +120,7 @@ def test_full_disk_during_convert_is_one_line(tmp_path, capsys, monkeypatch) -> 
 
 
 # ---- one process per run folder; leftovers of a killed one ---------------------------------
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused(corpus, tmp_path, capsys) -> None:
     from dsv4.files import FolderLock
 
@@ -140,6 +145,7 @@ def test_a_second_process_on_the_same_run_is_refused(corpus, tmp_path, capsys) -
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_leftovers_of_killed_writes_are_removed_on_the_next_start(corpus, tmp_path,
                                                                   capsys) -> None:
     run = tmp_path / "run"
@@ -255,6 +261,7 @@ def run_dsv4(*args: str | bytes, stdin: bytes = b"") -> tuple[int, str, str]:
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_non_utf8_prompts_are_one_line(tiny_model_args) -> None:
     rc, out, err = run_dsv4("generate", *tiny_model_args, stdin=b"def \xff\xfe x")
     assert rc == 2 and out == ""
@@ -264,6 +271,7 @@ def test_non_utf8_prompts_are_one_line(tiny_model_args) -> None:
     one_line_error(err, "PROMPT is not UTF-8 text", "0xe9")
 
 
+@pytest.mark.slow
 def test_a_prompt_that_does_not_fit_is_refused_before_it_is_echoed(tiny_model_args) -> None:
     rc, out, err = run_dsv4("generate", *tiny_model_args, "--context", "32", "x" * 5000)
     assert rc == 2 and out == ""
@@ -280,6 +288,7 @@ def read_until(stream, needle: bytes, into: bytearray) -> None:
         into += byte
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_generate_stops_the_text_without_a_traceback(tiny_model_args) -> None:
     import signal
 
@@ -298,6 +307,7 @@ def test_ctrl_c_in_generate_stops_the_text_without_a_traceback(tiny_model_args) 
     assert "Traceback" not in err and "stopped by Ctrl-C" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_args,
                                                                   monkeypatch, capsys) -> None:
     """In a real process: Ctrl-C during the first reply stops it; the chat then answers the
@@ -368,6 +378,7 @@ def test_a_pretty_printed_json_object_is_one_document(tmp_path) -> None:
     assert [d.text for d in docs] == ["hello\nworld", "a", "b"]
 
 
+@pytest.mark.slow
 def test_an_empty_file_is_named(corpus, tmp_path, capsys) -> None:
     from dsv4.pretrain.data import DataError, iter_documents
 
@@ -409,6 +420,7 @@ def test_eval_resume_refuses_changed_weights_or_data(tmp_path, capsys) -> None:
     one_line_error(capsys.readouterr().err, "weights", "step_000001", "step_000002")
 
 
+@pytest.mark.slow
 def test_weights_that_would_not_load_are_not_saved(corpus, tmp_path, capsys) -> None:
     """lr 1e30: the first update makes weights of ~1e29 while the loss was still finite;
     they are refused at the save (loading would refuse them too), and nothing claims a good
@@ -422,6 +434,7 @@ def test_weights_that_would_not_load_are_not_saved(corpus, tmp_path, capsys) -> 
     assert not (run / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_while_tokenizing_and_storing_eval_results(corpus, tmp_path, capsys,
                                                              monkeypatch) -> None:
     from dsv4.evaluate.store import ResultStore

@@ -31,6 +31,7 @@ def test_generate_ids_equal_the_engine_greedy_output(capsys) -> None:
     assert printed == expected
 
 
+@pytest.mark.slow
 def test_generate_streams_text_from_a_saved_checkpoint(tmp_path) -> None:
     """A real checkpoint folder with its tokenizer, a real process, the prompt on stdin."""
     model = randomize(Transformer(tiny_config(vocab_size=300)), seed=1)

@@ -383,6 +383,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_muon_on_fsdp2_dtensors_matches_single_process() -> None:
     import torch.multiprocessing as mp
 

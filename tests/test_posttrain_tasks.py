@@ -175,6 +175,7 @@ class Echo(Domain):
         return True
 
 
+@pytest.mark.slow
 def test_domain_accuracy_is_greedy_chat_generation() -> None:
     tokenizer = byte_tokenizer()
     model = randomize(Transformer(tiny_config(vocab_size=tokenizer.vocab_size)), seed=3).eval()

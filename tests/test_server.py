@@ -29,6 +29,8 @@ from dsv4.text.chat import encode_chat, encode_chat_ids, parse_completion
 from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
+pytestmark = pytest.mark.slow  # a live uvicorn server
+
 MODEL_NAME = "tiny"
 CAPACITY = 1536  # room for the tools section (~1200 byte tokens)
 TOOLS = [{"type": "function", "function": {

@@ -24,6 +24,8 @@ from dsv4.server.limits import ServerLimits, bounded_protocol
 from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
+pytestmark = pytest.mark.slow  # a live uvicorn server
+
 MODEL_NAME = "tiny"
 CAPACITY = 512
 LIMITS = ServerLimits(max_body_bytes=64 * 1024, body_timeout_s=2.0, header_timeout_s=0.5,
