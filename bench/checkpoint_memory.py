@@ -23,8 +23,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time, torch
-from dsv4 import checkpoint
-from dsv4.model import Transformer
+from dsv4.weights import checkpoint
+from dsv4.model.network import Transformer
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -77,7 +77,7 @@ def main() -> None:
 
     import dsv4
     from dsv4 import ModelConfig
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     cfg = ModelConfig.from_preset(args.preset).replace(n_routed_experts=args.experts)
     torch.manual_seed(0)

@@ -123,7 +123,7 @@ def train_args(w: dict, out: Path, *extra: str) -> list[str]:
 
 
 def steps_of(run_dir: Path) -> list[int]:
-    from dsv4.train import read_metrics
+    from dsv4.pretrain.train import read_metrics
 
     return [r["step"] for r in read_metrics(run_dir)]
 
@@ -224,8 +224,8 @@ def wait_and_kill(proc: subprocess.Popen, run_dir: Path, wait_for: str) -> str:
 
 def probe_weights(w: dict, tally: Tally) -> None:
     import dsv4
-    from dsv4.checkpoint import SafetensorsFolder
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
+    from dsv4.weights.checkpoint import SafetensorsFolder
     from tests.parity_utils import tiny_config
 
     nan, inf = struct.pack("<f", float("nan")), struct.pack("<f", float("inf"))
@@ -274,9 +274,9 @@ def probe_data(w: dict, tally: Tally) -> None:
 
 
 def probe_eval(w: dict, tally: Tally) -> None:
-    from dsv4.checkpoint import save_to_run
-    from dsv4.model import Transformer
-    from dsv4.tokenizer import byte_tokenizer
+    from dsv4.model.network import Transformer
+    from dsv4.text.tokenizer import byte_tokenizer
+    from dsv4.weights.checkpoint import save_to_run
     from tests.parity_utils import tiny_config
 
     root = w["root"] / "eval"

@@ -7,7 +7,7 @@ same weights, in one process with the same thread count.
 For each context: prefill tokens/s (dsv4: chunked prefill through the hybrid cache;
 transformers: one eager forward; best of 2), decode tokens/s at batch 1 and batch 16 (the batch
 shares the prefilled context, copied into every slot) for dsv4 eager, dsv4 compiled
-(`dsv4.engine.CompiledDecode`, its compile time reported apart) and transformers (its context
+(`inference.engine.CompiledDecode`, its compile time reported apart) and transformers (its context
 built by its own cached prefill, untimed), measured in interleaved rounds with the best round
 kept, so a machine whose speed drifts favours no side. Also: aten operators per layer in one
 eager batch-1 decode step (torch profiler, nested calls included), and cache bytes against the
@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv4 import ModelConfig, costs  # noqa: E402
-from dsv4.cache import KVCache  # noqa: E402
-from dsv4.engine import CompiledDecode, forward_step  # noqa: E402
-from dsv4.model import Transformer  # noqa: E402
+from dsv4 import ModelConfig  # noqa: E402
+from dsv4.inference.cache import KVCache  # noqa: E402
+from dsv4.inference.engine import CompiledDecode, forward_step  # noqa: E402
+from dsv4.model import costs  # noqa: E402
+from dsv4.model.network import Transformer  # noqa: E402
 
 CHUNK = 512
 DECODE_STEPS = 16

@@ -22,16 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsv4  # noqa: E402
 from dsv4 import ModelConfig  # noqa: E402
-from dsv4.cache import KVCache  # noqa: E402
-from dsv4.engine import forward_step  # noqa: E402
-from dsv4.model import Transformer  # noqa: E402
+from dsv4.inference.cache import KVCache  # noqa: E402
+from dsv4.inference.engine import forward_step  # noqa: E402
+from dsv4.model.network import Transformer  # noqa: E402
 
 
 def text_ids(tokenizer, length: int, vocab: int) -> torch.Tensor:
     """Real text (this repository's engine source) when a tokenizer is at hand, else random."""
     if tokenizer is None:
         return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    from dsv4 import engine
+    from dsv4.inference import engine
 
     text = inspect.getsource(engine) * 8
     ids = tokenizer.encode(text)[:length]
@@ -56,8 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = None
     if args.run:
-        from dsv4.checkpoint import find_tokenizer
-        from dsv4.tokenizer import Tokenizer
+        from dsv4.text.tokenizer import Tokenizer
+        from dsv4.weights.checkpoint import find_tokenizer
 
         model = dsv4.load(args.run, dtype=torch.bfloat16)
         path = find_tokenizer(args.run)

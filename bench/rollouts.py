@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv4.engine import Engine, SamplingParams  # noqa: E402
+from dsv4.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv4.posttrain.common import load_model_and_tokenizer, sample_rollouts  # noqa: E402
-from dsv4.posttrain.tasks import DOMAINS, prompt_ids  # noqa: E402
+from dsv4.tasks import DOMAINS, prompt_ids  # noqa: E402
 
 
 def separate_requests(model, prompts, params, group: int, max_batch: int) -> int:

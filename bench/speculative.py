@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsv4  # noqa: E402
-from dsv4.checkpoint import find_tokenizer  # noqa: E402
-from dsv4.engine import Engine, SamplingParams  # noqa: E402
-from dsv4.tokenizer import Tokenizer, byte_tokenizer  # noqa: E402
+from dsv4.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsv4.text.tokenizer import Tokenizer, byte_tokenizer  # noqa: E402
+from dsv4.weights.checkpoint import find_tokenizer  # noqa: E402
 
 PROMPTS = ["def ", "import os\n", "class Config:\n    def __init__(self", "for i in range("]
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the training benchmarks: run `dsv4.train.train` quietly, read the
+"""Helpers shared by the training benchmarks: run `dsv4.pretrain.train.train` quietly, read the
 validation curve, plot curves."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run_training(args: argparse.Namespace, name: str,
                  model_config: dict[str, Any] | None = None, **changes: Any
                  ) -> list[tuple[int, float]]:
     """Train one run from scratch into OUT/name; returns [(step, val_loss)]."""
-    from dsv4.train import TrainConfig, read_metrics, train
+    from dsv4.pretrain.train import TrainConfig, read_metrics, train
 
     out = Path(args.out) / name
     shutil.rmtree(out, ignore_errors=True)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4 import ModelConfig, Transformer  # noqa: E402
-from dsv4.optim import build_optimizer  # noqa: E402
-from dsv4.train import (  # noqa: E402
+from dsv4.pretrain.optim import build_optimizer  # noqa: E402
+from dsv4.pretrain.train import (  # noqa: E402
     ExpertLoad,
     measure_matmul_peak,
     mtp_inputs_and_targets,

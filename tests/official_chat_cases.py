@@ -157,6 +157,6 @@ def official_body(case: dict, thinking: bool, effort: str | None) -> dict:
 
 
 def our_options(case: dict, thinking: bool, effort: str | None) -> dict:
-    """The same request as keyword arguments of `dsv4.chat.encode_chat`."""
+    """The same request as keyword arguments of `dsv4.text.chat.encode_chat`."""
     return {"thinking": thinking, "reasoning_effort": effort, "tools": case.get("tools"),
             "response_format": case.get("response_format")}

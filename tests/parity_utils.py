@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dsv4 import ModelConfig
-from dsv4.model import Gate, Transformer, random_hash_table
+from dsv4.model.network import Gate, Transformer, random_hash_table
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -74,7 +74,7 @@ def hf_model_from(model: Transformer):
     """A transformers DeepseekV4ForCausalLM holding the same weights (fp32, eager)."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-    from dsv4.convert import to_hf_state_dict
+    from dsv4.weights.convert import to_hf_state_dict
 
     hf_cfg = DeepseekV4Config(**model.cfg.to_hf_dict())
     hf_cfg._attn_implementation = "eager"

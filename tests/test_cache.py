@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4 import costs
-from dsv4.cache import CacheError, KVCache
-from dsv4.engine import forward_step
-from dsv4.model import Transformer
+from dsv4.inference.cache import CacheError, KVCache
+from dsv4.inference.engine import forward_step
+from dsv4.model import costs
+from dsv4.model.network import Transformer
 from tests.parity_utils import hf_model_from, randomize, tiny_config
 
 ATOL = RTOL = 1e-4
@@ -48,7 +48,8 @@ PREFILL_LENGTHS = [1, 2, 3, 4, 5, 126, 127, 128, 129, 130, 254, 255, 256, 257]
 DECODE_STEPS = 7
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 64, 128, 300])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow), 64, 128, 300])
 def test_chunked_prefill_then_batched_decode_equals_full_forward(model, chunk) -> None:
     # Tiny chunks mean many steps: fewer lengths, still every residue mod 4 and 128 +- 1.
     lengths = {1: [1, 3, 6, 130], 3: [1, 2, 3, 4, 5, 127, 128, 129, 130]}.get(
@@ -87,6 +88,7 @@ def test_long_sequence_every_position() -> None:
     torch.testing.assert_close(torch.cat(got), reference[:start], atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_teacher_forced_decode_equals_transformers_cached_decoding() -> None:
     from transformers import DynamicCache
 
@@ -184,7 +186,7 @@ def test_copied_slot_continues_like_the_original() -> None:
 
 
 def test_top_k_ties_go_to_the_lower_index() -> None:
-    from dsv4.model import top_k_mask
+    from dsv4.model.network import top_k_mask
 
     scores = torch.tensor([[0.5, 0.0, 0.9, 0.0, 0.0, -1.0],
                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],

@@ -1,7 +1,7 @@
 """The V4 chat encoding and completion parser (spec training.md §6, §3.2, §3.6; field-notes B5).
 
 Golden prompts are written out here from the April preview encoder's published fixtures
-(`encoding/tests`, reproduced by several independent ports), not from `dsv4.chat`'s constants, so
+(`encoding/tests`, reproduced by several independent ports), not from `text.chat`'s constants, so
 these tests pin encoding="v4-preview". Today's official encoding ("v4", the default) is compared
 with DeepSeek's own package in test_chat_official.py.
 """
@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from dsv4 import chat
-from dsv4.chat import StreamParser, encode_chat, encode_chat_segments, parse_completion
+from dsv4.text import chat
+from dsv4.text.chat import StreamParser, encode_chat, encode_chat_segments, parse_completion
 
 
 def _preview_options(messages: list[dict], options: dict) -> dict:
@@ -132,7 +132,7 @@ def weather_conversation() -> list[dict]:
 # ---- the marker strings ------------------------------------------------------------------
 def test_marker_strings_agree_with_the_tokenizer() -> None:
     pytest.importorskip("tokenizers")
-    from dsv4 import tokenizer
+    from dsv4.text import tokenizer
 
     assert set(chat.SPECIAL_STRINGS) == set(tokenizer.SPECIAL_TOKENS)
     for name in ("BOS", "EOS", "PAD", "USER", "ASSISTANT", "LATEST_REMINDER", "THINK_START",
@@ -143,7 +143,7 @@ def test_marker_strings_agree_with_the_tokenizer() -> None:
 
 def test_prompts_tokenize_with_the_markers_as_single_tokens() -> None:
     pytest.importorskip("tokenizers")
-    from dsv4.tokenizer import byte_tokenizer
+    from dsv4.text.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     prompt = preview(weather_conversation(), thinking=True, tools=[WEATHER])
@@ -154,7 +154,7 @@ def test_prompts_tokenize_with_the_markers_as_single_tokens() -> None:
 
 
 def test_chat_module_does_not_import_torch() -> None:
-    code = "import sys, dsv4.chat; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, dsv4.text.chat; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

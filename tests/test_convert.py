@@ -12,10 +12,11 @@ import safetensors.torch
 import torch
 
 import dsv4
-from dsv4 import checkpoint, quant
 from dsv4.cli import main
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.model import quant
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
+from dsv4.weights import checkpoint
 from tests.parity_utils import randomize, tiny_config
 
 
@@ -163,6 +164,7 @@ def test_bad_dtype_for_layout(tmp_path: Path, official: Path,
     assert code == 2 and "official format only" in err
 
 
+@pytest.mark.slow
 def test_convert_in_a_real_process(tmp_path: Path, official: Path) -> None:
     dst = tmp_path / "hf"
     done = subprocess.run([sys.executable, "-m", "dsv4", "convert", str(official), str(dst),

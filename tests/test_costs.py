@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4 import costs
-from dsv4.config import ModelConfig
+from dsv4.model import costs
+from dsv4.model.config import ModelConfig
 
 M = 1 << 20
 GIB = 1 << 30
@@ -142,7 +142,7 @@ def test_decode_flops_reproduce_the_spec_estimate() -> None:
 
 # ---- purity --------------------------------------------------------------------------------
 def test_costs_do_not_import_torch() -> None:
-    code = ("import sys; import dsv4.costs as c; from dsv4.config import ModelConfig; "
+    code = ("import sys; import dsv4.model.costs as c; from dsv4.model.config import ModelConfig; "
             "c.param_counts(ModelConfig.from_preset('v4-pro')); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     root = Path(__file__).resolve().parents[1]
@@ -153,13 +153,13 @@ def test_costs_do_not_import_torch() -> None:
 def _transformer_class():
     torch = pytest.importorskip("torch")
     try:
-        module = importlib.import_module("dsv4.model")
+        module = importlib.import_module("dsv4.model.network")
     except ModuleNotFoundError as err:
-        if err.name == "dsv4.model":
-            pytest.skip("dsv4/model.py is not written yet")
+        if err.name == "dsv4.model.network":
+            pytest.skip("dsv4/model/network.py is not written yet")
         raise
     if not hasattr(module, "Transformer"):
-        pytest.skip("dsv4.model has no Transformer yet")
+        pytest.skip("dsv4.model.network has no Transformer yet")
     return torch, module.Transformer
 
 

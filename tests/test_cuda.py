@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.model import Transformer
+from dsv4.model.network import Transformer
 from tests.parity_utils import hf_model_from, randomize, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dsv4.data import (
+from dsv4.pretrain.data import (
     IGNORE_INDEX,
     CorpusReport,
     DataError,
@@ -25,7 +25,7 @@ from dsv4.data import (
     iter_documents,
     validation_batches,
 )
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.text.tokenizer import byte_tokenizer
 
 
 class WideTokenizer:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.train import read_metrics
+from dsv4.pretrain.train import read_metrics
 from tests.parity_utils import tiny_config
+
+pytestmark = pytest.mark.slow  # torchrun: real processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +97,8 @@ def test_expert_parallel_matches_one(setup: dict[str, Path], single: list[dict])
 
 
 def test_expert_parallel_needs_divisible_experts() -> None:
-    from dsv4.model import RoutedExperts
-    from dsv4.parallel import ExpertParallelExperts
+    from dsv4.model.network import RoutedExperts
+    from dsv4.pretrain.parallel import ExpertParallelExperts
 
     class ThreeRanks:  # only the size is read before the check
         def size(self) -> int:

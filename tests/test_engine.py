@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.engine import Engine, SamplingParams, draw_tokens, filter_logits
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.inference.engine import Engine, SamplingParams, draw_tokens, filter_logits
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
@@ -282,6 +282,7 @@ def test_record_mode_refuses_speculation(model) -> None:
         Engine(model, speculative=True, record=True)
 
 
+@pytest.mark.slow
 def test_compiled_decode_greedy_equals_eager() -> None:
     """`Engine(compile=True)`: the decode step traced whole with static shapes (3 requests
     padded to the bucket of 4) gives eager's greedy tokens across CSA and HCA boundaries.

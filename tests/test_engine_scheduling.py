@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.engine import Engine, SamplingParams
-from dsv4.model import Transformer
+from dsv4.inference.engine import Engine, SamplingParams
+from dsv4.model.network import Transformer
 from tests.parity_utils import randomize, tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -16,8 +16,8 @@ from dsv4.evaluate.backends import EvalError, LocalBackend
 from dsv4.evaluate.formats import FormatError
 from dsv4.evaluate.run import EvalOptions, evaluate
 from dsv4.evaluate.store import ResultStore, StoreError
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
 VOCAB = 288  # the byte tokenizer's 272 ids fit
@@ -142,13 +142,13 @@ def explicit_topk(model, ids: list[int]) -> dict[int, list[int]]:
 
 
 def niah_rope(attn, positions):
-    from dsv4.model import rope_cos_sin
+    from dsv4.model.network import rope_cos_sin
 
     return rope_cos_sin(attn.inv_freq, positions)
 
 
 def test_indexer_recorder_equals_full_forward_top_k(model) -> None:
-    from dsv4.cache import KVCache
+    from dsv4.inference.cache import KVCache
 
     ids = random_ids(203, seed=5)  # 50 visible CSA entries > top-k 8
     cache = KVCache(model, 1, 256)
@@ -195,7 +195,7 @@ def test_niah_grid_heatmap_and_needle_positions(backend, tmp_path) -> None:
 
 
 def test_niah_chat_mode_finds_the_needle_tokens(backend, tmp_path) -> None:
-    from dsv4.chat import encode_chat
+    from dsv4.text.chat import encode_chat
 
     opts = EvalOptions(lengths=[300], depths=[0.5], haystack="filler", chat=True)
     evaluate(backend, "niah", tmp_path, opts, plots=False)
@@ -438,7 +438,8 @@ def test_store_refuses_other_settings_and_damaged_lines(tmp_path) -> None:
 
 
 def test_tasks_suite_checks_each_reply_like_domain_accuracy(backend, tmp_path) -> None:
-    from dsv4.posttrain import tasks
+    from dsv4 import tasks
+    from dsv4.posttrain.common import domain_accuracy
 
     class Echo(tasks.Domain):
         """Correct when the reply is the first character of the prompt: some are, some not."""
@@ -458,7 +459,7 @@ def test_tasks_suite_checks_each_reply_like_domain_accuracy(backend, tmp_path) -
     r = evaluate(backend, "tasks", tmp_path, opts, domains=domains)
     assert r["summary"]["items"] == 12 and set(r["summary"]["by_domain"]) == {builtin, "echo"}
     for name, domain in domains.items():
-        expected = tasks.domain_accuracy(backend.model, backend.tokenizer, domain,
+        expected = domain_accuracy(backend.model, backend.tokenizer, domain,
                                          domain.eval_set(6), max_tokens=4)
         assert r["summary"]["by_domain"][name] == pytest.approx(expected)
     with pytest.raises(EvalError, match="unknown domain 'nope'"):
@@ -466,7 +467,7 @@ def test_tasks_suite_checks_each_reply_like_domain_accuracy(backend, tmp_path) -
 
 
 def test_tasks_suite_asks_a_think_domain_in_think_mode(backend, tmp_path) -> None:
-    from dsv4.posttrain import tasks
+    from dsv4 import tasks
 
     thinker = tasks.FunctionDomain("thinker", lambda rng: tasks.Problem(
         "".join(rng.choice("abcdef") for _ in range(6)), "a"), thinking=True)

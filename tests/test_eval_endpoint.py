@@ -195,10 +195,10 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_nano():
     """The served model, in this process: same preset, seed and dtype."""
-    from dsv4.config import ModelConfig
     from dsv4.evaluate.backends import LocalBackend
-    from dsv4.model import Transformer
-    from dsv4.tokenizer import byte_tokenizer
+    from dsv4.model.config import ModelConfig
+    from dsv4.model.network import Transformer
+    from dsv4.text.tokenizer import byte_tokenizer
 
     model = Transformer(ModelConfig.from_preset("nano"))
     model.init_weights(seed=0)
@@ -211,6 +211,7 @@ def _model_id(url: str) -> str:
 
 
 @needs_server
+@pytest.mark.slow
 def test_served_ppl_and_mc_equal_the_local_model(served, local_nano, tmp_path) -> None:
     backend = EndpointBackend(served, _model_id(served), concurrency=4, timeout=120)
     text = tmp_path / "doc.txt"
@@ -234,6 +235,7 @@ def test_served_ppl_and_mc_equal_the_local_model(served, local_nano, tmp_path) -
 
 
 @needs_server
+@pytest.mark.slow
 def test_served_niah_and_cli(served, tmp_path, capsys) -> None:
     from dsv4.cli import main
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.checkpoint import save_to_run
 from dsv4.cli import main
-from dsv4.train import read_metrics
+from dsv4.pretrain.train import read_metrics
+from dsv4.weights.checkpoint import save_to_run
 from tests.faults import full_disk
 from tests.parity_utils import stdlib_corpus, tiny_config
 
@@ -42,6 +42,7 @@ def one_line_error(err: str, *names: str) -> None:
 
 
 # ---- a full disk --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_disk_during_a_metrics_append_leaves_a_run_that_resumes(corpus, tmp_path, capsys,
                                                                     monkeypatch) -> None:
     run = tmp_path / "run"
@@ -59,6 +60,7 @@ def test_full_disk_during_a_metrics_append_leaves_a_run_that_resumes(corpus, tmp
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_metrics_line_and_says_so(corpus, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     assert main(train_args(corpus, run, "--steps", "2")) == 0
@@ -72,6 +74,7 @@ def test_resume_drops_a_torn_last_metrics_line_and_says_so(corpus, tmp_path, cap
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_damage_before_the_last_metrics_line_is_named(corpus, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     assert main(train_args(corpus, run, "--steps", "2")) == 0
@@ -82,6 +85,7 @@ def test_damage_before_the_last_metrics_line_is_named(corpus, tmp_path, capsys) 
     one_line_error(capsys.readouterr().err, f"{run / 'metrics.jsonl'}:1")
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_names_the_checkpoint_and_keeps_latest(corpus, tmp_path, capsys,
                                                                       monkeypatch) -> None:
     run = tmp_path / "run"
@@ -103,7 +107,7 @@ def test_full_disk_while_saving_names_the_checkpoint_and_keeps_latest(corpus, tm
 
 def test_full_disk_during_convert_is_one_line(tmp_path, capsys, monkeypatch) -> None:
     import dsv4
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     model = Transformer(tiny_config())
     dsv4.save(model, tmp_path / "src")
@@ -116,6 +120,7 @@ def test_full_disk_during_convert_is_one_line(tmp_path, capsys, monkeypatch) -> 
 
 
 # ---- one process per run folder; leftovers of a killed one ---------------------------------
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused(corpus, tmp_path, capsys) -> None:
     from dsv4.files import FolderLock
 
@@ -140,6 +145,7 @@ def test_a_second_process_on_the_same_run_is_refused(corpus, tmp_path, capsys) -
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_leftovers_of_killed_writes_are_removed_on_the_next_start(corpus, tmp_path,
                                                                   capsys) -> None:
     run = tmp_path / "run"
@@ -166,7 +172,7 @@ def test_leftovers_of_killed_writes_are_removed_on_the_next_start(corpus, tmp_pa
 ])
 def test_a_bad_latest_file_is_one_line(tmp_path, capsys, content, message) -> None:
     import dsv4
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     run = tmp_path / "run"
     save_to_run(Transformer(tiny_config()), run, step=1)
@@ -190,7 +196,7 @@ def struct_bytes(fmt: str, value: float, flip: int = 0) -> bytes:
 
 def corrupt(folder: Path, name: str, index: int, value: bytes) -> None:
     """Overwrite element `index` of tensor `name` in the files with raw bytes."""
-    from dsv4.checkpoint import SafetensorsFolder
+    from dsv4.weights.checkpoint import SafetensorsFolder
 
     info = SafetensorsFolder(folder).infos[name]
     size = len(value)
@@ -202,7 +208,7 @@ def corrupt(folder: Path, name: str, index: int, value: bytes) -> None:
 @pytest.fixture
 def saved(tmp_path) -> Path:
     import dsv4
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     model = Transformer(tiny_config(dtype="bf16"))
     model.init_weights(seed=0)
@@ -219,7 +225,7 @@ def saved(tmp_path) -> Path:
 def test_corrupted_weights_do_not_load(saved, tmp_path, capsys, name, index, value,
                                        message) -> None:
     import dsv4
-    from dsv4.checkpoint import CheckpointError
+    from dsv4.weights.checkpoint import CheckpointError
 
     dsv4.load(saved)  # sound before
     corrupt(saved, name, index, value)
@@ -255,6 +261,7 @@ def run_dsv4(*args: str | bytes, stdin: bytes = b"") -> tuple[int, str, str]:
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_non_utf8_prompts_are_one_line(tiny_model_args) -> None:
     rc, out, err = run_dsv4("generate", *tiny_model_args, stdin=b"def \xff\xfe x")
     assert rc == 2 and out == ""
@@ -264,6 +271,7 @@ def test_non_utf8_prompts_are_one_line(tiny_model_args) -> None:
     one_line_error(err, "PROMPT is not UTF-8 text", "0xe9")
 
 
+@pytest.mark.slow
 def test_a_prompt_that_does_not_fit_is_refused_before_it_is_echoed(tiny_model_args) -> None:
     rc, out, err = run_dsv4("generate", *tiny_model_args, "--context", "32", "x" * 5000)
     assert rc == 2 and out == ""
@@ -280,6 +288,7 @@ def read_until(stream, needle: bytes, into: bytearray) -> None:
         into += byte
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_generate_stops_the_text_without_a_traceback(tiny_model_args) -> None:
     import signal
 
@@ -298,6 +307,7 @@ def test_ctrl_c_in_generate_stops_the_text_without_a_traceback(tiny_model_args) 
     assert "Traceback" not in err and "stopped by Ctrl-C" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_args,
                                                                   monkeypatch, capsys) -> None:
     """In a real process: Ctrl-C during the first reply stops it; the chat then answers the
@@ -322,25 +332,25 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_ar
 
     import io
 
-    import dsv4.chat
-    import dsv4.cli
+    import dsv4.inference.cli
+    import dsv4.text.chat
 
     conversations = []
-    encode_chat_ids = dsv4.chat.encode_chat_ids
+    encode_chat_ids = dsv4.text.chat.encode_chat_ids
 
     def recording_encode_chat_ids(tokenizer, messages, **kwargs):
         conversations.append([dict(m) for m in messages])
         return encode_chat_ids(tokenizer, messages, **kwargs)
 
-    show_event = dsv4.cli._show_event
+    show_event = dsv4.inference.cli._show_event
 
     def ctrl_c_at_the_first_event(event):
         show_event(event)
         if len(conversations) == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(dsv4.chat, "encode_chat_ids", recording_encode_chat_ids)
-    monkeypatch.setattr(dsv4.cli, "_show_event", ctrl_c_at_the_first_event)
+    monkeypatch.setattr(dsv4.text.chat, "encode_chat_ids", recording_encode_chat_ids)
+    monkeypatch.setattr(dsv4.inference.cli, "_show_event", ctrl_c_at_the_first_event)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nsecond\n/exit\n"))
     assert main(["chat", *tiny_model_args, "--max-tokens", "20", "--context", "4096"]) == 0
     first, second = conversations
@@ -350,7 +360,7 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(tiny_model_ar
 
 # ---- broken data files --------------------------------------------------------------------------
 def test_bad_utf8_deep_in_a_jsonl_names_its_line(tmp_path) -> None:
-    from dsv4.data import DataError, iter_documents
+    from dsv4.pretrain.data import DataError, iter_documents
 
     good = "".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(1000))  # > 64 KiB
     path = tmp_path / "big.jsonl"
@@ -360,7 +370,7 @@ def test_bad_utf8_deep_in_a_jsonl_names_its_line(tmp_path) -> None:
 
 
 def test_a_pretty_printed_json_object_is_one_document(tmp_path) -> None:
-    from dsv4.data import iter_documents
+    from dsv4.pretrain.data import iter_documents
 
     (tmp_path / "one.json").write_text(json.dumps({"text": "hello\nworld"}, indent=2))
     (tmp_path / "many.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
@@ -368,8 +378,9 @@ def test_a_pretty_printed_json_object_is_one_document(tmp_path) -> None:
     assert [d.text for d in docs] == ["hello\nworld", "a", "b"]
 
 
+@pytest.mark.slow
 def test_an_empty_file_is_named(corpus, tmp_path, capsys) -> None:
-    from dsv4.data import DataError, iter_documents
+    from dsv4.pretrain.data import DataError, iter_documents
 
     for name in ("void.txt", "void.jsonl", "void.json"):
         (tmp_path / name).write_text("")
@@ -382,8 +393,8 @@ def test_an_empty_file_is_named(corpus, tmp_path, capsys) -> None:
 
 # ---- evaluation results follow the weights and the data, not their names ---------------------
 def test_eval_resume_refuses_changed_weights_or_data(tmp_path, capsys) -> None:
-    from dsv4.model import Transformer
-    from dsv4.tokenizer import byte_tokenizer
+    from dsv4.model.network import Transformer
+    from dsv4.text.tokenizer import byte_tokenizer
 
     run = tmp_path / "run"
     model = Transformer(tiny_config(vocab_size=384))
@@ -409,6 +420,7 @@ def test_eval_resume_refuses_changed_weights_or_data(tmp_path, capsys) -> None:
     one_line_error(capsys.readouterr().err, "weights", "step_000001", "step_000002")
 
 
+@pytest.mark.slow
 def test_weights_that_would_not_load_are_not_saved(corpus, tmp_path, capsys) -> None:
     """lr 1e30: the first update makes weights of ~1e29 while the loss was still finite;
     they are refused at the save (loading would refuse them too), and nothing claims a good
@@ -422,6 +434,7 @@ def test_weights_that_would_not_load_are_not_saved(corpus, tmp_path, capsys) -> 
     assert not (run / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_while_tokenizing_and_storing_eval_results(corpus, tmp_path, capsys,
                                                              monkeypatch) -> None:
     from dsv4.evaluate.store import ResultStore
@@ -445,7 +458,7 @@ def test_full_disk_while_tokenizing_and_storing_eval_results(corpus, tmp_path, c
 
 def test_a_convert_killed_half_way_leaves_nothing_behind_the_next_one(tmp_path) -> None:
     import dsv4
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     dsv4.save(Transformer(tiny_config()), tmp_path / "src")
     partial = tmp_path / ".out.k1ll3d.tmp"  # what `dsv4 convert SRC out` leaves after kill -9

@@ -11,10 +11,10 @@ import torch
 
 import dsv4
 from dsv4.cli import main
-from dsv4.config import ModelConfig
-from dsv4.engine import Engine, SamplingParams
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.inference.engine import Engine, SamplingParams
+from dsv4.model.config import ModelConfig
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
 NANO = ["--preset", "nano", "--random", "--threads", "1"]
@@ -31,6 +31,7 @@ def test_generate_ids_equal_the_engine_greedy_output(capsys) -> None:
     assert printed == expected
 
 
+@pytest.mark.slow
 def test_generate_streams_text_from_a_saved_checkpoint(tmp_path) -> None:
     """A real checkpoint folder with its tokenizer, a real process, the prompt on stdin."""
     model = randomize(Transformer(tiny_config(vocab_size=300)), seed=1)
@@ -45,7 +46,7 @@ def test_generate_streams_text_from_a_saved_checkpoint(tmp_path) -> None:
 
 
 def test_generate_from_a_run_directory_uses_its_latest_checkpoint(tmp_path, capsys) -> None:
-    from dsv4.checkpoint import save_to_run
+    from dsv4.weights.checkpoint import save_to_run
 
     model = randomize(Transformer(tiny_config(vocab_size=300)), seed=2)
     save_to_run(model, tmp_path / "run", step=40, tokenizer=byte_tokenizer())

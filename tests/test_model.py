@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dsv4 import ModelConfig, Transformer
-from dsv4.kernels import fp8_e4m3_roundtrip
-from dsv4.model import HyperConnection, Indexer, rope_inv_freq, sinkhorn, sparse_attention
+from dsv4.model.kernels import fp8_e4m3_roundtrip
+from dsv4.model.network import HyperConnection, Indexer, rope_inv_freq, sinkhorn, sparse_attention
 from tests.parity_utils import randomize, tiny_config
 
 
@@ -191,7 +191,7 @@ def test_quant_sim_puts_kv_nope_dims_on_the_fp8_grid() -> None:
     attn = randomize(Transformer(cfg), seed=7).layers[0].attn
     x = torch.randn(1, 10, cfg.dim)
     positions = torch.arange(10).unsqueeze(0)
-    from dsv4.model import rope_cos_sin
+    from dsv4.model.network import rope_cos_sin
 
     cos, sin = rope_cos_sin(attn.inv_freq, positions)
     with torch.no_grad():

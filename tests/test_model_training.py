@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dsv4 import Transformer
-from dsv4.model import document_positions, indexer_kl_loss, sparse_attention
+from dsv4.model.network import document_positions, indexer_kl_loss, sparse_attention
 from tests.parity_utils import randomize, tiny_config
 
-ALIGN = 128  # the packer's document alignment (dsv4/data.py)
+ALIGN = 128  # the packer's document alignment (dsv4/pretrain/data.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dsv4 import ModelConfig, Transformer
-from dsv4.optim import (
+from dsv4.pretrain.optim import (
     NS_FAST,
     NS_POLISH,
     Muon,
@@ -383,6 +383,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_muon_on_fsdp2_dtensors_matches_single_process() -> None:
     import torch.multiprocessing as mp
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from dsv4.convert import from_hf_state_dict, to_hf_state_dict
-from dsv4.model import Transformer
+from dsv4.model.network import Transformer
+from dsv4.weights.convert import from_hf_state_dict, to_hf_state_dict
 from tests.parity_utils import hf_model_from, randomize, tiny_config
 
 pytest.importorskip("transformers")

@@ -8,10 +8,10 @@ import json
 import pytest
 
 import dsv4
-from dsv4.checkpoint import save_to_run
 from dsv4.cli import main
-from dsv4.model import Transformer
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.model.network import Transformer
+from dsv4.text.tokenizer import byte_tokenizer
+from dsv4.weights.checkpoint import save_to_run
 from tests.parity_utils import randomize, tiny_config
 
 TINY_STAGES = ["--sft-steps", "2", "--specialist-sft-steps", "1", "--grpo-steps", "1",
@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_posttrain_end_to_end_and_resume(tiny_run, tmp_path, capsys) -> None:
     out = tmp_path / "pt"
     args = ["posttrain", "--from", str(tiny_run), "--out", str(out), "--domains", "sum", "sort",
@@ -58,6 +59,7 @@ def test_posttrain_end_to_end_and_resume(tiny_run, tmp_path, capsys) -> None:
     assert "base: done already" in printed and "distill: done already" in printed
 
 
+@pytest.mark.slow
 def test_single_stage_commands(tiny_run, tmp_path, capsys) -> None:
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
@@ -106,6 +108,7 @@ def test_teacher_option_format(tiny_run, tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("reward", ["mixed", "constant"])
+@pytest.mark.slow
 def test_grpo_trains_only_groups_with_mixed_rewards(tiny_run, tmp_path, reward) -> None:
     """Groups whose samples all score the same carry no advantage: GRPO skips them, and a
     step with none of the other kind leaves the policy untouched."""
@@ -113,7 +116,7 @@ def test_grpo_trains_only_groups_with_mixed_rewards(tiny_run, tmp_path, reward) 
 
     from dsv4.posttrain.common import load_model_and_tokenizer
     from dsv4.posttrain.grpo import GRPOConfig, run_grpo
-    from dsv4.posttrain.tasks import FunctionDomain, Problem
+    from dsv4.tasks import FunctionDomain, Problem
 
     def check(problem: Problem, response: str) -> bool:  # ~half the random samples pass
         return reward == "mixed" and len(response.encode()) % 2 == 0

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from dsv4.engine import SamplingParams
-from dsv4.model import Transformer
+from dsv4.inference.engine import SamplingParams
+from dsv4.model.network import Transformer
 from dsv4.posttrain.common import (
     policy_logprobs,
     rollout_batch,
@@ -40,6 +40,7 @@ def prompts(model) -> list[list[int]]:
     SamplingParams(temperature=1.3, max_tokens=10, seed=2),
 ], ids=["topk-topp-t0.7", "full-vocab-t1.3"])
 @pytest.mark.parametrize("n", [1, 3], ids=["one-per-prompt", "groups-sharing-prefill"])
+@pytest.mark.slow
 def test_trainer_logprobs_equal_the_engines(model, prompts, params, n) -> None:
     rollouts = sample_rollouts(model, prompts, params, max_batch=3, seed=4, n=n)
     assert len(rollouts) == n * len(prompts)
@@ -59,6 +60,7 @@ def test_trainer_logprobs_equal_the_engines(model, prompts, params, n) -> None:
     assert (plain[on] - batch.old_logprobs[on]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_routing_replay_changes_the_trainer_forward(model, prompts) -> None:
     """Replay is not a no-op: other experts give other log-probs (so the test above checks
     that the recorded routing is used)."""

@@ -9,9 +9,8 @@ import random
 import pytest
 import torch
 
-from dsv4.chat import encode_chat
-from dsv4.model import Transformer
-from dsv4.posttrain.common import PosttrainError
+from dsv4.model.network import Transformer
+from dsv4.posttrain.common import PosttrainError, check_answer_budget, domain_accuracy
 from dsv4.posttrain.sft import (
     IGNORE_INDEX,
     SFTConfig,
@@ -20,20 +19,19 @@ from dsv4.posttrain.sft import (
     problems_as_chats,
     run_sft,
 )
-from dsv4.posttrain.tasks import (
+from dsv4.tasks import (
     DOMAINS,
     Domain,
     FunctionDomain,
     Problem,
-    check_answer_budget,
-    domain_accuracy,
     generate_responses,
     get_domain,
     is_eval_prompt,
     load_domain_module,
     register_domain,
 )
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.text.chat import encode_chat
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
 
 
@@ -136,7 +134,7 @@ def test_get_domain_names_the_unknown_and_the_known() -> None:
 def test_user_domain_module(tmp_path) -> None:
     module = tmp_path / "my_tasks.py"
     module.write_text(
-        "from dsv4.posttrain.tasks import FunctionDomain, Problem\n"
+        "from dsv4.tasks import FunctionDomain, Problem\n"
         "def gen(rng):\n"
         "    a = rng.randint(0, 10**6)\n"
         "    return Problem(f'Double {a}', str(2 * a))\n"
@@ -177,6 +175,7 @@ class Echo(Domain):
         return True
 
 
+@pytest.mark.slow
 def test_domain_accuracy_is_greedy_chat_generation() -> None:
     tokenizer = byte_tokenizer()
     model = randomize(Transformer(tiny_config(vocab_size=tokenizer.vocab_size)), seed=3).eval()
@@ -193,7 +192,7 @@ def test_domain_accuracy_is_greedy_chat_generation() -> None:
             if token == model.cfg.eos_token_id:
                 break
             out.append(token)
-    from dsv4.posttrain.tasks import response_text
+    from dsv4.tasks import response_text
     assert responses[0] == response_text(tokenizer, out)
     exact = FunctionDomain("exact", Echo().generate,
                            lambda p, r: r == responses[0])

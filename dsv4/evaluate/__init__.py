@@ -5,7 +5,7 @@
     endpoint.py   EndpointBackend: any OpenAI-compatible server (openai client, retries)
     ppl.py        perplexity / bits-per-byte, sliding window over the compressed cache
     niah.py       needle in a haystack + the CSA indexer's recall of the needle
-    tasks.py      the post-training domains (dsv4.posttrain.tasks)
+    tasks.py      the post-training domains (dsv4.tasks)
     mc.py         multiple choice (MMLU, letter columns, ARC)
     math.py       final-answer math (GSM8K, MATH)
     formats.py    benchmark files (JSONL, JSON, CSV, Parquet) with file:line errors

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# "none" or a reasoning effort of think mode (dsv4.chat.REASONING_EFFORTS).
+# "none" or a reasoning effort of think mode (dsv4.text.chat.REASONING_EFFORTS).
 THINK_MODES = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
@@ -49,7 +49,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def chat_prompt_ids(tokenizer, messages: list[dict], think: str, encoding: str = "v4"
                     ) -> list[int]:
     """The chat prompt's ids, message text tokenized as plain text (no injected markup)."""
-    from dsv4.chat import encode_chat_ids
+    from dsv4.text.chat import encode_chat_ids
 
     if think not in THINK_MODES:
         raise EvalError(f"think={think!r}: must be one of {', '.join(THINK_MODES)}")
@@ -71,7 +71,7 @@ class LocalBackend:
     def __init__(self, model, tokenizer, label: str, *, capacity: int = 8192, batch: int = 8,
                  prefill_chunk: int = 512):
         self.model, self.tokenizer, self.label = model.eval(), tokenizer, label
-        self.chat_encoding = "v4"  # dsv4.chat.ENCODINGS; set by `dsv4 eval --chat-encoding`
+        self.chat_encoding = "v4"  # dsv4.text.chat.ENCODINGS; set by `dsv4 eval --chat-encoding`
         self.fingerprint: str | None = None  # which weights these are (keys the result store)
         self.capacity = min(capacity, model.cfg.max_seq_len)
         self.batch = batch
@@ -101,7 +101,7 @@ class LocalBackend:
 
     # -- log-likelihood --------------------------------------------------------------------
     def scoring_cache(self, slots: int):
-        from dsv4.cache import KVCache
+        from dsv4.inference.cache import KVCache
 
         cache = self._score_cache
         if cache is None or cache.slots < slots:
@@ -115,7 +115,7 @@ class LocalBackend:
         tokens do not depend on what follows them)."""
         import torch
 
-        from dsv4.engine import forward_step
+        from dsv4.inference.engine import forward_step
 
         ctx = self.prompt_ids(context)
         conts = [self.tokenizer.encode(c) for c in continuations]
@@ -160,14 +160,14 @@ class LocalBackend:
     # -- generation ------------------------------------------------------------------------
     def scratch_cache(self, capacity: int):
         """A one-slot KVCache for scoring a sequence, grown when a longer one comes."""
-        from dsv4.cache import KVCache
+        from dsv4.inference.cache import KVCache
 
         if self._scratch is None or self._scratch.capacity < capacity:
             self._scratch = KVCache(self.model, 1, capacity)
         return self._scratch
 
     def engine(self):
-        from dsv4.engine import Engine
+        from dsv4.inference.engine import Engine
 
         if self._engine is None or self._engine.cache.slots != self.batch:
             self._engine = Engine(self.model, max_batch=self.batch, capacity=self.capacity,
@@ -177,7 +177,7 @@ class LocalBackend:
 
     def generate_ids(self, prompts: Sequence[list[int]], max_tokens: int,
                      stop: Sequence[str] = ()) -> list[str]:
-        from dsv4.engine import SamplingParams, decode_known
+        from dsv4.inference.engine import SamplingParams, decode_known
 
         for i, ids in enumerate(prompts):
             self.check_length(len(ids) + max_tokens, f"prompt {i} plus --max-tokens {max_tokens}")
@@ -191,7 +191,7 @@ class LocalBackend:
 
     def chat(self, conversations: Sequence[list[dict]], think: str, max_tokens: int
              ) -> list[dict]:
-        from dsv4.chat import parse_completion
+        from dsv4.text.chat import parse_completion
 
         prompts = [chat_prompt_ids(self.tokenizer, m, think, self.chat_encoding)
                    for m in conversations]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dsv4.cli import CommandError, add_chat_encoding_argument, positive_int
+from dsv4.commands import CommandError, add_chat_encoding_argument, positive_int
 from dsv4.evaluate.backends import THINK_MODES
 
 SUITES = ("ppl", "niah", "tasks", "mc", "math")
@@ -27,7 +27,7 @@ suites:
          cache, longer ones with a sliding window (--stride)
   niah   needle in a haystack at --lengths x --depths, heatmap PNG; with a local model also
          how often the CSA indexer's top-k holds the needle's compressed entries
-  tasks  the post-training domains (dsv4.posttrain.tasks), as chat prompts
+  tasks  the post-training domains (dsv4.tasks), as chat prompts
   mc     multiple choice from --data FILE (MMLU, A/B/C/D columns or ARC layouts; .jsonl,
          .json, .csv, .parquet), few-shot, scored by log-likelihood and by generation
   math   final-answer math from --data FILE (GSM8K "#### 42" answers), few-shot, exact match
@@ -167,7 +167,7 @@ def _backend(args: argparse.Namespace):
             raise CommandError("--endpoint needs --model NAME (the server's model id)")
         tokenizer = None
         if args.tokenizer:
-            from dsv4.tokenizer import Tokenizer, TokenizerError
+            from dsv4.text.tokenizer import Tokenizer, TokenizerError
 
             try:
                 tokenizer = Tokenizer.from_file(args.tokenizer)
@@ -178,7 +178,7 @@ def _backend(args: argparse.Namespace):
                                api_key=args.api_key, tokenizer=tokenizer), _slug(args.model)
     if args.model:
         raise CommandError("--model names an endpoint's model: use it with --endpoint")
-    from dsv4.cli import load_inference_model
+    from dsv4.commands import load_inference_model
     from dsv4.evaluate.backends import LocalBackend
     from dsv4.evaluate.store import weights_fingerprint
 

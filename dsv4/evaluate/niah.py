@@ -229,7 +229,7 @@ def prefill_recording(model, cache, ids: list[int], chunk: int):
     position. Returns (logits of the last position, recorder)."""
     import torch
 
-    from dsv4.engine import forward_step
+    from dsv4.inference.engine import forward_step
 
     device = next(model.parameters()).device
     cache.reset(0)
@@ -244,7 +244,7 @@ def prefill_recording(model, cache, ids: list[int], chunk: int):
 def greedy_continue(model, cache, logits, max_tokens: int, eos: int) -> list[int]:
     import torch
 
-    from dsv4.engine import forward_step
+    from dsv4.inference.engine import forward_step
 
     device = next(model.parameters()).device
     slot = torch.tensor([0], device=device)
@@ -293,11 +293,11 @@ def needle_token_span(tokenizer, prompt_text: str, span: tuple[int, int], bos: b
 
 def run_item_local(backend, item: NeedleItem, prompt: NeedlePrompt, chat: bool,
                    max_tokens: int) -> dict:
-    from dsv4.engine import decode_known
+    from dsv4.inference.engine import decode_known
 
     tok = backend.tokenizer
     if chat:
-        from dsv4.chat import USER, encode_chat_ids
+        from dsv4.text.chat import USER, encode_chat_ids
 
         user = prompt.text + "\n" + prompt.chat_question
         ids = encode_chat_ids(tok, [{"role": "user", "content": user}],
@@ -320,7 +320,7 @@ def run_item_local(backend, item: NeedleItem, prompt: NeedlePrompt, chat: bool,
     out = greedy_continue(backend.model, cache, logits, max_tokens, backend.model.cfg.eos_token_id)
     text = decode_known(tok, out)
     if chat:
-        from dsv4.chat import parse_completion
+        from dsv4.text.chat import parse_completion
 
         text = parse_completion(text, thinking=False)["content"]
     cfg = backend.model.cfg

@@ -43,13 +43,13 @@ class TextDocument:
 def load_documents(paths: list[str] | None, val_fraction: float = 0.01) -> list[TextDocument]:
     """Documents of `paths` (text, .jsonl/.json with "text", .parquet "text" column), or the
     validation split of the default corpus (the same documents `dsv4 train` holds out)."""
-    from dsv4.data import DataError, iter_documents
+    from dsv4.pretrain.data import DataError, iter_documents
 
     try:
         if paths:
             docs = list(iter_documents(paths))
         else:
-            from dsv4.data import validation_documents
+            from dsv4.pretrain.data import validation_documents
 
             every = list(iter_documents(None))
             docs = [every[i] for i in validation_documents(len(every), val_fraction)]
@@ -79,8 +79,8 @@ def token_logprobs(model, ids: list[int], context: int, stride: int, chunk: int 
     pairs in order; see the module docstring."""
     import torch
 
-    from dsv4.cache import KVCache
-    from dsv4.engine import forward_step
+    from dsv4.inference.cache import KVCache
+    from dsv4.inference.engine import forward_step
 
     device = next(model.parameters()).device
     if cache is None:

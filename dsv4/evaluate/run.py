@@ -102,7 +102,7 @@ def evaluate(backend, suite: str, out_dir: str | Path, options: EvalOptions | No
              plots: bool = True, domains: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one suite on a backend; writes out_dir/{settings.json, items.jsonl, results.json}
     and PNGs, returns the results dict. `on_record` sees every item as it is stored;
-    `domains` (tasks suite) replaces `dsv4.posttrain.tasks.DOMAINS`."""
+    `domains` (tasks suite) replaces `dsv4.tasks.DOMAINS`."""
     if suite not in SUITES:
         raise EvalError(f"unknown suite {suite!r}: one of {', '.join(SUITES)}")
     opts = options or EvalOptions()
@@ -247,7 +247,7 @@ def _tasks(ctx: _Context):
     for domain in domains:
         problems = _limited(tasks_suite.domain_problems(domain, o.n_problems), o.limit)
         items += [(f"{domain.name}:{i}", domain, p) for i, p in enumerate(problems)]
-    # 24: what dsv4.posttrain.tasks.domain_accuracy gives the built-in domains' short answers
+    # 24: what dsv4.posttrain.common.domain_accuracy gives the built-in domains' short answers
     max_tokens = o.max_tokens or (24 if o.think == "none" else 1024)
 
     def compute(indices):

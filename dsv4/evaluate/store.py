@@ -36,7 +36,7 @@ class StoreError(ValueError):
 def weights_fingerprint(path: str | os.PathLike[str]) -> str:
     """Which weights a checkpoint path loads now: the folder it resolves to (a run's latest)
     and the size and modification time of each file in it."""
-    from dsv4.checkpoint import resolve
+    from dsv4.weights.checkpoint import resolve
 
     folder = resolve(path)
     digest = hashlib.sha256(str(folder.resolve()).encode())

@@ -1,9 +1,9 @@
-"""The post-training domains (`dsv4.posttrain.tasks`): verifiable problems, checked by code.
+"""The post-training domains (`dsv4.tasks`): verifiable problems, checked by code.
 
 Each problem's prompt is one user message in the V4 chat encoding (non-think, think or
 think-max; a think-mode domain such as expr is always asked in think mode); the reply's content
 (reasoning excluded) goes to `domain.check(problem, content)`. That is what
-`dsv4.posttrain.tasks.domain_accuracy` does for a local model (greedy, same encoding), and what
+`dsv4.posttrain.common.domain_accuracy` does for a local model (greedy, same encoding), and what
 an endpoint gets as a chat completion, so local and endpoint results are comparable item by
 item.
 """
@@ -19,9 +19,9 @@ def available_domains(module_file: str | None = None) -> dict[str, Any]:
     """name -> Domain (the built-ins, plus those a --domain-module file defines), or EvalError
     when the post-training module is not installed."""
     try:
-        from dsv4.posttrain import tasks
+        from dsv4 import tasks
     except ImportError as err:
-        raise EvalError(f"the tasks suite needs dsv4.posttrain.tasks, which is not available "
+        raise EvalError(f"the tasks suite needs dsv4.tasks, which is not available "
                         f"({err})") from None
     if module_file:
         try:
@@ -53,7 +53,7 @@ def score_items(backend, items: list[tuple[str, Any, Any]], think: str, max_toke
                 ) -> list[dict]:
     """items: (key, domain, problem). A think-mode domain (`domain.thinking`, e.g. expr) is
     asked in think mode even when `think` is "none", as `domain_accuracy` does."""
-    from dsv4.posttrain.tasks import THINK_EFFORT
+    from dsv4.tasks import THINK_EFFORT
 
     modes = [think if think != "none" or not domain.thinking else THINK_EFFORT
              for _, domain, _ in items]

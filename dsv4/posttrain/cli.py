@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from dsv4.cli import CommandError, add_chat_encoding_argument, positive_int
+from dsv4.commands import CommandError, add_chat_encoding_argument, positive_int
 
-DOMAIN_MODULE_HELP = ("a Python file defining dsv4.posttrain.tasks.Domain objects (e.g. "
+DOMAIN_MODULE_HELP = ("a Python file defining dsv4.tasks.Domain objects (e.g. "
                       "FunctionDomain('mine', generate, check)); each is registered under its "
                       "name and usable wherever a domain name is")
 
@@ -55,7 +55,7 @@ def _positive_float(text: str) -> float:
 
 
 def _load_domain_modules(paths: list[str]) -> None:
-    from dsv4.posttrain.tasks import load_domain_module
+    from dsv4.tasks import load_domain_module
 
     for path in paths:
         try:
@@ -65,7 +65,7 @@ def _load_domain_modules(paths: list[str]) -> None:
 
 
 def _domain(name: str):
-    from dsv4.posttrain.tasks import get_domain
+    from dsv4.tasks import get_domain
 
     try:
         return get_domain(name)
@@ -105,7 +105,7 @@ def _check_out(out: str) -> Path:
 
 
 def _report_accuracy(model, tokenizer, domains: list, eval_size: int, label: str) -> dict:
-    from dsv4.posttrain.tasks import domain_accuracy
+    from dsv4.posttrain.common import domain_accuracy
 
     accs = {}
     for domain in domains:
@@ -389,7 +389,7 @@ def posttrain_config(args: argparse.Namespace):
 def cmd_posttrain(args: argparse.Namespace) -> int:
     from dsv4.posttrain.common import PosttrainError
     from dsv4.posttrain.pipeline import run_posttrain
-    from dsv4.train import TrainingError
+    from dsv4.pretrain.train import TrainingError
 
     _prepare(args)
     for name in args.domains or []:

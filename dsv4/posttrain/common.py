@@ -14,7 +14,15 @@ from typing import Any
 import torch
 
 from dsv4.files import write_json_atomic
-from dsv4.model import Transformer
+from dsv4.model.network import Transformer
+from dsv4.tasks import (
+    DEFAULT_MAX_TOKENS,
+    THINK_EFFORT,
+    Domain,
+    Problem,
+    generate_responses,
+    prompt_ids,
+)
 
 METRICS_NAME = "metrics.jsonl"
 STAGE_NAME = "posttrain_stage.json"  # written into a stage's run dir when the stage completes
@@ -39,8 +47,8 @@ def set_threads(threads: int | None) -> None:
 
 def load_model_and_tokenizer(path: str | os.PathLike[str]) -> tuple[Transformer, Any]:
     """An fp32 model (master weights for training) and the tokenizer saved with it."""
-    from dsv4.checkpoint import CheckpointError, find_tokenizer, load
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.text.tokenizer import Tokenizer
+    from dsv4.weights.checkpoint import CheckpointError, find_tokenizer, load
 
     try:
         model = load(path, dtype="fp32")
@@ -63,7 +71,7 @@ def save_stage(model: Transformer, out: str | os.PathLike[str], tokenizer, step:
     """A finished stage: a native checkpoint in `out/checkpoints/step_N` (tokenizer inside,
     so `dsv4 generate --run out` works), then `out/posttrain_stage.json` last, which marks the
     stage complete (the pipeline skips stages that have it)."""
-    from dsv4.checkpoint import save_to_run
+    from dsv4.weights.checkpoint import save_to_run
 
     out = Path(out)
     folder = save_to_run(model, out, step, tokenizer=tokenizer)
@@ -104,9 +112,9 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def make_optimizer(model: Transformer, name: str, lr: float, weight_decay: float = 0.0,
                    adam_eps: float | None = None):
-    """dsv4.optim's optimizer (Muon + AdamW, or AdamW). adam_eps replaces AdamW's 1e-20: with
+    """pretrain.optim's optimizer (Muon + AdamW, or AdamW). adam_eps replaces AdamW's 1e-20: with
     it, parameters whose gradients are tiny and noisy (RL) move by less than lr."""
-    from dsv4.optim import build_optimizer
+    from dsv4.pretrain.optim import build_optimizer
 
     try:
         optimizer = build_optimizer(model, name, lr=lr, weight_decay=weight_decay)
@@ -153,7 +161,7 @@ def sample_rollouts(model: Transformer, prompts: Sequence[Sequence[int]], params
     of them) with the engine in record mode (log-probs, kept sets, routing). RL batches of
     short sequences decode fastest all at once (one forward per token position), hence the
     large `max_batch`."""
-    from dsv4.engine import Engine
+    from dsv4.inference.engine import Engine
 
     was_training = model.training
     capacity = max(len(p) for p in prompts) + params.max_tokens + 1
@@ -248,3 +256,38 @@ def policy_logprobs(model: Transformer, batch: RolloutBatch, temperature: float,
         logits = model(batch.input_ids)
     logp = sampling_logprobs(logits, batch.targets, temperature, batch.kept)
     return logp.masked_fill(batch.mask == 0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain answers (the domains themselves are in dsv4.tasks)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_answer_budget(tokenizer, domain: Domain, problems: list[Problem], max_tokens: int
+                        ) -> None:
+    """PosttrainError when a problem's reference answer (with its reasoning, in think mode)
+    takes more than `max_tokens` tokens: every sample would be cut before the right answer."""
+    from dsv4.posttrain.sft import problems_as_chats
+    from dsv4.text.chat import encode_chat_ids
+
+    for problem, chat in zip(problems, problems_as_chats(problems)):
+        full = encode_chat_ids(tokenizer, chat, thinking=domain.thinking,
+                               reasoning_effort=THINK_EFFORT if domain.thinking else None,
+                               add_generation_prompt=False)
+        needed = len(full) - len(prompt_ids(tokenizer, problem.prompt, domain.thinking)) - 1
+        if needed > max_tokens:  # -1: the stop token need not fit
+            raise PosttrainError(f"max_tokens={max_tokens}: domain {domain.name!r} has answers "
+                                 f"of {needed} tokens (e.g. {problem.prompt!r}); raise it")
+
+
+def domain_accuracy(model, tokenizer, domain: Domain, problems: list[Problem], *,
+                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = 512) -> float:
+    """Fraction of `problems` whose greedy answer `domain.check` accepts (chat-encoded, the
+    V4 encoding, in the domain's mode; generated with dsv4.inference.engine.Engine)."""
+    if not problems:
+        raise ValueError(f"domain {domain.name!r}: no problems to evaluate")
+    check_answer_budget(tokenizer, domain, problems, max_tokens)
+    responses = generate_responses(model, tokenizer, [p.prompt for p in problems],
+                                   max_tokens=max_tokens, batch=batch, thinking=domain.thinking)
+    correct = sum(bool(domain.check(p, r)) for p, r in zip(problems, responses))
+    return correct / len(problems)

@@ -93,8 +93,9 @@ def run_distill(student, teachers: dict[str, Any], tokenizer, domains: dict[str,
     prompts."""
     from tqdm import tqdm
 
-    from dsv4.engine import SamplingParams
-    from dsv4.posttrain.tasks import check_answer_budget, prompt_ids
+    from dsv4.inference.engine import SamplingParams
+    from dsv4.posttrain.common import check_answer_budget
+    from dsv4.tasks import prompt_ids
 
     cfg.check()
     if not teachers:

@@ -151,8 +151,9 @@ def run_grpo(model, reference, tokenizer, domain, cfg: GRPOConfig,
     """Improve `model` in place on `domain` by GRPO against the frozen `reference`."""
     from tqdm import tqdm
 
-    from dsv4.engine import SamplingParams
-    from dsv4.posttrain.tasks import check_answer_budget, prompt_ids, response_text
+    from dsv4.inference.engine import SamplingParams
+    from dsv4.posttrain.common import check_answer_budget
+    from dsv4.tasks import prompt_ids, response_text
 
     cfg.check()
     device = next(model.parameters()).device

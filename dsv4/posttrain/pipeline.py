@@ -69,7 +69,7 @@ class PosttrainConfig:
 
 
 def run_posttrain(cfg: PosttrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from dsv4.posttrain.tasks import DOMAINS, get_domain
+    from dsv4.tasks import DOMAINS, get_domain
 
     started = time.time()
     set_threads(cfg.threads)
@@ -126,8 +126,8 @@ def run_posttrain(cfg: PosttrainConfig, log: Callable[[str], None] = print) -> d
 
 
 def pretrain_fresh(cfg: PosttrainConfig, run: Path, log) -> Path:
-    """A briefly pretrained nano (dsv4.train) when no --from run is given; resumed if there."""
-    from dsv4.train import TrainConfig, train
+    """A briefly pretrained nano (pretrain.train) when no --from run is given; resumed if there."""
+    from dsv4.pretrain.train import TrainConfig, train
 
     latest = run / "checkpoints" / "latest"
     tc = TrainConfig(out=str(run), preset="nano", steps=cfg.pretrain_steps, samples=0,
@@ -191,7 +191,7 @@ def distill_stage(source: Path, target: Path, teachers: dict[str, Path], domains
 def evaluate_stage(run: Path, domains: dict, which: list[str], cfg: PosttrainConfig
                    ) -> dict[str, float]:
     """Held-out accuracy of a stage's model on the named domains, cached in run/eval.json."""
-    from dsv4.posttrain.tasks import domain_accuracy
+    from dsv4.posttrain.common import domain_accuracy
 
     cache_path = run / EVAL_NAME
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}

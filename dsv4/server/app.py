@@ -39,8 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from dsv4.chat import encode_chat_ids
-from dsv4.engine import Engine, SamplingParams, decode_known
+from dsv4.inference.engine import Engine, SamplingParams, decode_known
 from dsv4.server.choices import ChatChoice, KnownTokens, TextChoice, token_offsets
 from dsv4.server.limits import (
     LARGE_BODY_BYTES,
@@ -60,6 +59,7 @@ from dsv4.server.protocol import (
     parse_completion_request,
 )
 from dsv4.server.scheduler import Handle, Scheduler
+from dsv4.text.chat import encode_chat_ids
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 
@@ -72,7 +72,7 @@ class Server:
                  ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
-        self.chat_encoding = chat_encoding  # dsv4.chat.ENCODINGS
+        self.chat_encoding = chat_encoding  # dsv4.text.chat.ENCODINGS
         self.known = KnownTokens(tokenizer)
         self.served_model = served_model
         self.limits = limits or ServerLimits()
@@ -139,7 +139,7 @@ def create_app(engine: Engine, tokenizer, served_model: str, max_queue: int = 64
                chat_encoding: str = "v4", limits: ServerLimits | None = None
                ) -> FastAPI:
     """The FastAPI app serving `engine` (whose cache sets the batch and memory budget);
-    chat prompts are rendered with `chat_encoding` (one of `dsv4.chat.ENCODINGS`)."""
+    chat prompts are rendered with `chat_encoding` (one of `dsv4.text.chat.ENCODINGS`)."""
     if engine.tokenizer is None:
         engine.tokenizer = KnownTokens(tokenizer)  # the engine's stop strings need one
     server = Server(engine, tokenizer, served_model, max_queue, chat_encoding, limits)

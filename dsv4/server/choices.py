@@ -3,7 +3,7 @@
 `TextChoice` turns a generation's tokens into text: incremental detokenization (never splitting
 a UTF-8 character), cut before the first stop string, with any tail that could still grow into
 a stop string held back, so a stop string never reaches the client, not even in part.
-`ChatChoice` feeds that text through `dsv4.chat.StreamParser`, which splits it into
+`ChatChoice` feeds that text through `dsv4.text.chat.StreamParser`, which splits it into
 `reasoning_content`, `content` and DSML tool calls without letting markup leak (a tool call is
 sent once complete, arguments whole). Streaming and non-streaming responses are built from the
 same deltas, so both say exactly the same thing.
@@ -20,8 +20,8 @@ clients reject values they do not know, which would turn one bad call into a fai
 
 from __future__ import annotations
 
-from dsv4.chat import StreamParser
-from dsv4.engine import Event, TextStream, decode_known
+from dsv4.inference.engine import Event, TextStream, decode_known
+from dsv4.text.chat import StreamParser
 
 
 class KnownTokens:

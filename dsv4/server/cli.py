@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from dsv4.cli import (
+from dsv4.commands import (
     CommandError,
     add_chat_encoding_argument,
     add_compile_argument,
@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from dsv4.cli import load_inference_model
+    from dsv4.commands import load_inference_model
     from dsv4.server.app import create_app
     from dsv4.server.limits import ServerLimits, bounded_protocol
 
@@ -203,7 +203,7 @@ def capacity_for_bytes(model, args: argparse.Namespace, slot_bytes: int) -> int:
     """The largest capacity (a multiple of 128) whose one-slot cache fits in `slot_bytes`.
     A slot costs a fixed part (window rings, compressor state) plus a part linear in its
     capacity (compressed entries): measured on two small caches."""
-    from dsv4.cache import KVCache
+    from dsv4.inference.cache import KVCache
 
     def cost(capacity: int) -> int:
         cache = KVCache(model, 1, capacity, kv_fp8=args.kv_fp8)
@@ -221,7 +221,7 @@ def capacity_for_bytes(model, args: argparse.Namespace, slot_bytes: int) -> int:
 
 
 def build_serving_engine(model, args: argparse.Namespace, capacity: int):
-    from dsv4.engine import Engine
+    from dsv4.inference.engine import Engine
 
     try:
         return Engine(model, max_batch=args.max_batch, capacity=capacity, kv_fp8=args.kv_fp8,

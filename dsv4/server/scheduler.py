@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from dsv4.engine import Engine, SamplingParams, sample_params
+from dsv4.inference.engine import Engine, SamplingParams, sample_params
 from dsv4.server.protocol import APIError
 from dsv4.server.scoring import PromptScorer
 

@@ -42,7 +42,7 @@ class PromptScorer:
 
     def start(self) -> None:
         """Allocate the scoring cache now, so the server's memory does not grow later."""
-        from dsv4.cache import KVCache
+        from dsv4.inference.cache import KVCache
 
         if self.cache is None:
             self.cache = KVCache(self.engine.model, 1, self.max_tokens)
@@ -59,7 +59,7 @@ class PromptScorer:
     @torch.inference_mode()
     def advance(self) -> None:
         """Feed the next chunk of the first job; deliver its scores when the prompt is done."""
-        from dsv4.engine import forward_step
+        from dsv4.inference.engine import forward_step
 
         if not self.jobs:
             return

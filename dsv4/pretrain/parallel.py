@@ -1,6 +1,6 @@
 """Expert parallelism for `dsv4 train --expert-parallel` (torchrun), applied from the outside.
 
-`model.py` stays a single-device definition; `expert_parallel(model, mesh)` swaps every MoE
+`model/network.py` stays a single-device definition; `expert_parallel(model, mesh)` swaps every MoE
 layer's `RoutedExperts` (main layers and MTP block) for `ExpertParallelExperts`, which keeps
 only this rank's E/N experts. The scheme is the simple exact one:
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model import MoE, RoutedExperts, act_quant, swiglu
+from dsv4.model.network import MoE, RoutedExperts, act_quant, swiglu
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 

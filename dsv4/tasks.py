@@ -225,7 +225,7 @@ def register_domain(domain: Domain) -> None:
     for method in ("generate", "check", "problems", "eval_set"):
         if not callable(getattr(domain, method, None)):
             raise ValueError(f"domain {name!r} has no {method}() method: subclass "
-                             "dsv4.posttrain.tasks.Domain")
+                             "dsv4.tasks.Domain")
     DOMAINS[name] = domain
 
 
@@ -275,7 +275,7 @@ def prompt_ids(tokenizer, prompt: str, thinking: bool = False, encoding: str = "
                ) -> list[int]:
     """The V4 chat prompt for one user message, up to and including the assistant opener
     (`<｜Assistant｜></think>` in non-think mode, `<think>` in think mode)."""
-    from dsv4.chat import encode_chat_ids
+    from dsv4.text.chat import encode_chat_ids
 
     return encode_chat_ids(tokenizer, [{"role": "user", "content": prompt}], thinking=thinking,
                            reasoning_effort=THINK_EFFORT if thinking else None,
@@ -285,41 +285,10 @@ def prompt_ids(tokenizer, prompt: str, thinking: bool = False, encoding: str = "
 def response_text(tokenizer, tokens: list[int], thinking: bool = False) -> str:
     """The assistant content of generated tokens (stop token excluded), as the chat parser
     reads it: the reasoning of think mode is not part of the answer."""
-    from dsv4.chat import parse_completion
-    from dsv4.engine import decode_known
+    from dsv4.inference.engine import decode_known
+    from dsv4.text.chat import parse_completion
 
     return parse_completion(decode_known(tokenizer, tokens), thinking=thinking)["content"]
-
-
-def check_answer_budget(tokenizer, domain: Domain, problems: list[Problem], max_tokens: int
-                        ) -> None:
-    """PosttrainError when a problem's reference answer (with its reasoning, in think mode)
-    takes more than `max_tokens` tokens: every sample would be cut before the right answer."""
-    from dsv4.chat import encode_chat_ids
-    from dsv4.posttrain.common import PosttrainError
-    from dsv4.posttrain.sft import problems_as_chats
-
-    for problem, chat in zip(problems, problems_as_chats(problems)):
-        full = encode_chat_ids(tokenizer, chat, thinking=domain.thinking,
-                               reasoning_effort=THINK_EFFORT if domain.thinking else None,
-                               add_generation_prompt=False)
-        needed = len(full) - len(prompt_ids(tokenizer, problem.prompt, domain.thinking)) - 1
-        if needed > max_tokens:  # -1: the stop token need not fit
-            raise PosttrainError(f"max_tokens={max_tokens}: domain {domain.name!r} has answers "
-                                 f"of {needed} tokens (e.g. {problem.prompt!r}); raise it")
-
-
-def domain_accuracy(model, tokenizer, domain: Domain, problems: list[Problem], *,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = 512) -> float:
-    """Fraction of `problems` whose greedy answer `domain.check` accepts (chat-encoded, the
-    V4 encoding, in the domain's mode; generated with dsv4.engine.Engine)."""
-    if not problems:
-        raise ValueError(f"domain {domain.name!r}: no problems to evaluate")
-    check_answer_budget(tokenizer, domain, problems, max_tokens)
-    responses = generate_responses(model, tokenizer, [p.prompt for p in problems],
-                                   max_tokens=max_tokens, batch=batch, thinking=domain.thinking)
-    correct = sum(bool(domain.check(p, r)) for p, r in zip(problems, responses))
-    return correct / len(problems)
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *,
@@ -328,7 +297,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *,
     """Greedy assistant responses (content text) to user prompts."""
     import torch
 
-    from dsv4.engine import Engine, SamplingParams
+    from dsv4.inference.engine import Engine, SamplingParams
 
     encoded = [prompt_ids(tokenizer, p, thinking) for p in prompts]
     engine = Engine(model, max_batch=min(batch, len(encoded)),

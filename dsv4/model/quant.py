@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.kernels import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
+from dsv4.model.kernels import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
 
 FP8_BLOCK = 128  # weight blocks are FP8_BLOCK x FP8_BLOCK
 FP4_BLOCK = 32  # 1 x FP4_BLOCK along the input dim
@@ -221,7 +221,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_sim:
-            from dsv4.model import act_quant
+            from dsv4.model.network import act_quant
 
             x = act_quant(x)
         return F.linear(x, self.dequantized(x.dtype))

@@ -7,7 +7,7 @@ One optimizer step:
         bf16 autocast forward -> logits, MTP logits, router scores, indexer KL losses
         loss = CE + mtp_weight * CE_mtp + 1e-4 * sequence balance loss + indexer KL
         backward
-    clip the gradient norm (1.0), LR schedule, optimizer step (Muon + AdamW, dsv4/optim.py)
+    clip the gradient norm (1.0), LR schedule, optimizer step (Muon + AdamW, dsv4/pretrain/optim.py)
     loss-free balancing: gate bias += 0.001 * sign(mean load - load) on the non-hash layers
 
 Schedules (all step counts are fixed when a run is created, in `train_config.json`):
@@ -34,7 +34,7 @@ Distributed (`torchrun --nproc_per_node N -m dsv4 train ...`): data parallel wit
 (`fully_shard` per block, see `parallelize`), Muon on the sharded parameters, the loss
 normalized by the global token count so N processes compute the single-process gradient.
 `--expert-parallel` additionally splits the routed experts over the processes (each keeps E/N;
-the tokens travel to them, dsv4/parallel.py); checkpoints stay full native ones.
+the tokens travel to them, dsv4/pretrain/parallel.py); checkpoints stay full native ones.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsv4.config import ModelConfig
 from dsv4.files import (
     FolderLock,
     FolderLocked,
@@ -66,7 +65,8 @@ from dsv4.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from dsv4.model import Attention, MoE, Transformer, rebuild_rope_tables
+from dsv4.model.config import ModelConfig
+from dsv4.model.network import Attention, MoE, Transformer, rebuild_rope_tables
 
 IGNORE_INDEX = -100
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -130,7 +130,7 @@ class TrainConfig:
     samples: int = 3
     sample_tokens: int = 48
     progress: bool = True
-    expert_parallel: bool = False  # routed experts split over the processes (dsv4/parallel.py)
+    expert_parallel: bool = False  # routed experts split over the processes (pretrain/parallel.py)
     model_config: dict[str, Any] | None = field(default=None, repr=False)
 
     def plan(self) -> None:
@@ -328,12 +328,12 @@ def parallelize(model: Transformer, mesh: Any, expert_parallel: bool = False) ->
     the head and the final mHC head. Parameters become DTensors sharded on dim 0 (a stacked
     expert tensor [E, out, in] is split by whole experts, so Muon orthogonalizes them locally).
     expert_parallel: the routed experts are split the same way but never gathered (the tokens
-    travel to them instead, dsv4/parallel.py), so FSDP ignores them."""
+    travel to them instead, dsv4/pretrain/parallel.py), so FSDP ignores them."""
     from torch.distributed.fsdp import fully_shard
 
     ignored = None
     if expert_parallel:
-        from dsv4.parallel import expert_parallel as split_experts
+        from dsv4.pretrain.parallel import expert_parallel as split_experts
 
         ignored = split_experts(model, mesh)
     for block in list(model.layers) + list(model.mtp):
@@ -361,8 +361,8 @@ def corpus_tokenizer(data: list[str] | None, vocab_size: int, cache_dir: Path,
                      progress: bool):
     """A byte-level BPE with `vocab_size` ids trained on the corpus, cached by the corpus's
     fingerprint (file names, sizes, mtimes) so the runs of one corpus share it."""
-    from dsv4.data import corpus_files, iter_documents
-    from dsv4.tokenizer import Tokenizer, train_bpe
+    from dsv4.pretrain.data import corpus_files, iter_documents
+    from dsv4.text.tokenizer import Tokenizer, train_bpe
 
     files = corpus_files(data)
     key = json.dumps([vocab_size, [[str(p), p.stat().st_size, p.stat().st_mtime_ns]
@@ -406,7 +406,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     active ones and its second use of the shared head included) plus the attention scores
     and values (forward + backward = 3 x 4 x heads x head_dim x attended keys: the window,
     plus top-k CSA or all visible HCA entries, at mid-sequence)."""
-    from dsv4 import costs
+    from dsv4.model import costs
 
     params = costs.param_counts(cfg)
     active = params["active"]
@@ -486,8 +486,8 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
     def _setup(self, resume: bool) -> None:
-        from dsv4.data import PackedLoader, TokenStore, validation_batches
-        from dsv4.optim import build_optimizer
+        from dsv4.pretrain.data import PackedLoader, TokenStore, validation_batches
+        from dsv4.pretrain.optim import build_optimizer
 
         tc = self.tc
         if self.dist.main:
@@ -578,7 +578,7 @@ class Trainer:
         self.tc = saved
 
     def _latest_checkpoint(self) -> Path | None:
-        from dsv4.checkpoint import CheckpointError, read_latest
+        from dsv4.weights.checkpoint import CheckpointError, read_latest
 
         latest = self.out / "checkpoints" / "latest"
         try:
@@ -592,7 +592,7 @@ class Trainer:
         return folder
 
     def _load_weights(self, model: Transformer, folder: Path) -> None:
-        from dsv4.checkpoint import load
+        from dsv4.weights.checkpoint import load
 
         loaded = load(folder)
         model.load_state_dict(loaded.state_dict())
@@ -732,7 +732,7 @@ class Trainer:
         """Save only weights that loading accepts (finite, within +-MAX_WEIGHT_MAGNITUDE): a
         finite loss does not rule out broken weights, the optimizer step after it can still
         produce them."""
-        from dsv4.checkpoint import MAX_WEIGHT_MAGNITUDE
+        from dsv4.weights.checkpoint import MAX_WEIGHT_MAGNITUDE
 
         bad = []
         for name, param in self.model.named_parameters():
@@ -866,7 +866,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step_N: native model checkpoint + trainer state, then `latest` -> it.
         `latest` is replaced last (atomically), so it always names a complete checkpoint."""
-        from dsv4.checkpoint import save
+        from dsv4.weights.checkpoint import save
 
         self._check_weights_savable()
         checkpoints = self.out / "checkpoints"
@@ -1008,7 +1008,7 @@ def generate_samples(model: Transformer, tokenizer, prompts: Iterator[str] | tup
     model.eval()
     encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     try:
-        from dsv4.engine import Engine, SamplingParams
+        from dsv4.inference.engine import Engine, SamplingParams
 
         engine = Engine(model)
         outputs = engine.generate(encoded, SamplingParams(temperature=temperature,

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from dsv4.config import LAYER_KINDS, ModelConfig
+from dsv4.model.config import LAYER_KINDS, ModelConfig
 
 # DeepSeek-V3.2 (MLA + DSA), the baseline the paper compares against (spec §9.2, §9.4).
 V32_LAYERS = 61

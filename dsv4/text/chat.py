@@ -39,7 +39,7 @@ markers themselves inside assistant content, reasoning or string arguments, cann
 through the parser (the official format has no escaping).
 
 This module is pure string handling: no torch, no tokenizer import. The marker strings below
-must match `dsv4.tokenizer.SPECIAL_TOKENS` (a test checks it).
+must match `dsv4.text.tokenizer.SPECIAL_TOKENS` (a test checks it).
 """
 
 from __future__ import annotations
@@ -784,7 +784,7 @@ def encode_chat_ids(tokenizer: Any, messages: list[dict], *, thinking: bool = Fa
                     encoding: str = "v4", response_format: dict | None = None) -> list[int]:
     """The prompt token ids of `encode_chat(messages, ...)`, built from its pieces: markup as
     special-token ids, message text tokenized as plain text (`pieces_to_ids`). `tokenizer`:
-    a `dsv4.tokenizer.Tokenizer` (anything with `encode_plain` and `token_to_id`)."""
+    a `dsv4.text.tokenizer.Tokenizer` (anything with `encode_plain` and `token_to_id`)."""
     pieces = encode_chat_pieces(
         messages, thinking=thinking, reasoning_effort=reasoning_effort, tools=tools,
         add_generation_prompt=add_generation_prompt, drop_thinking=drop_thinking,

@@ -9,7 +9,7 @@ matrix on its own. Shapes in comments: B batch, S sequence, H heads, D head dim,
 entries, N mHC streams.
 
 One forward serves training, prefill and decode: every module takes an optional cache
-(`dsv4.cache.KVCache`, or its per-layer `LayerCache`). Without one, a forward sees whole
+(`dsv4.inference.cache.KVCache`, or its per-layer `LayerCache`). Without one, a forward sees whole
 sequences from position 0; with one, it feeds new tokens of cache slots, and the attention layer
 hands its projected queries and keys to the cache, which holds the window and compressed entries
 and runs the cached attention core.
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.config import ModelConfig
-from dsv4.kernels import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard_transform
+from dsv4.model.config import ModelConfig
+from dsv4.model.kernels import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard_transform
 
 # ---------------------------------------------------------------------------------------------
 # Norms
@@ -713,7 +713,7 @@ class Attention(nn.Module):
         """x: [B, S, dim] (normalized) -> [B, S, dim].
 
         Without a cache: the full sequence, positions [1, S] = 0..S-1, or with doc_ids [B, S]
-        the document-relative positions [B, S]. With a cache (`dsv4.cache.LayerCache`): S new
+        the document-relative positions [B, S]. With a cache (`inference.cache.LayerCache`): S new
         tokens of each slot [B, 1], positions [B, S] continuing each slot's length; the cache
         supplies the window and compressed entries and stores the new ones.
         """
@@ -1057,7 +1057,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final mHC residual streams [B, S, N, dim] (before the HC head).
 
-        With a cache (`dsv4.cache.KVCache`), input_ids are S new tokens for each of the cache
+        With a cache (`inference.cache.KVCache`), input_ids are S new tokens for each of the cache
         slots [B], each continuing from its own length; the cache advances by S.
         """
         positions = self.new_positions(input_ids, doc_ids, cache, slots)

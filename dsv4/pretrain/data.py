@@ -638,11 +638,11 @@ def packing_stats(loader: PackedLoader, n_batches: int) -> dict[str, float]:
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    """`python -m dsv4.data`: build (or reuse) the default-corpus store and print packing."""
+    """`python -m dsv4.pretrain.data`: build (or reuse) the default-corpus store, print packing."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m dsv4.data",
+        prog="python -m dsv4.pretrain.data",
         description="Build (or reuse) the token store of a corpus and print its size and the "
                     "padding overhead of packing (documents start at multiples of 128).")
     parser.add_argument("--data", nargs="*", default=None, help="files or folders (default: "
@@ -657,7 +657,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=None,
                         help="batches to measure (default: one epoch of the train split)")
     args = parser.parse_args(argv)
-    from dsv4.tokenizer import Tokenizer, train_bpe
+    from dsv4.text.tokenizer import Tokenizer, train_bpe
 
     cache = Path(args.cache)
     tok_path = cache / f"bpe-{args.vocab}.json"

@@ -43,8 +43,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsv4 import quant
-from dsv4.config import ConfigError, ModelConfig
 from dsv4.files import (
     atomic_write,
     remove_temp_leftovers,
@@ -52,10 +50,12 @@ from dsv4.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from dsv4.model import quant
+from dsv4.model.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
-    from dsv4.model import Transformer
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.model.network import Transformer
+    from dsv4.text.tokenizer import Tokenizer
 
 FORMATS = ("native", "official", "hf")
 CONFIG_NAME = "config.json"
@@ -381,7 +381,7 @@ def layout(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], fmt: str) -> li
     fmt: "native", "official", "hf" (what save_pretrained writes) or "hf-runtime" (the
     transformers parameter names, §14.3; read only).
     """
-    from dsv4.convert import hf_runtime_name, hf_saved_name
+    from dsv4.weights.convert import hf_runtime_name, hf_saved_name
 
     pieces: list[Piece] = []
     for name, shape in shapes.items():
@@ -529,7 +529,7 @@ def _read_config(folder: Path, fmt: str) -> ModelConfig:
 
 
 def _model_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -665,7 +665,7 @@ def load_plan(p: CheckpointPlan, dtype: str | torch.dtype | None = None,
               progress: bool = False, verify: bool = True) -> Transformer:
     from tqdm import tqdm
 
-    from dsv4.model import Transformer
+    from dsv4.model.network import Transformer
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     want = _parse_dtype(dtype)
@@ -794,7 +794,7 @@ def _check_raw(parts: dict[str, torch.Tensor], piece: Piece, file: Path) -> None
 def _install(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
              device: torch.device) -> None:
     """Replace the meta parameters/buffers by the loaded tensors; rebuild RoPE tables."""
-    from dsv4.model import rebuild_rope_tables
+    from dsv4.model.network import rebuild_rope_tables
 
     for name, tensor in tensors.items():
         module_name, _, leaf = name.rpartition(".")
@@ -1041,7 +1041,7 @@ def _write_config(folder: Path, cfg: ModelConfig, format: str, dtype_label: str)
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.text.tokenizer import Tokenizer
 
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_file(tokenizer)

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.config import ModelConfig
-from dsv4.kernels import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
-from dsv4.model import (
+from dsv4.model.config import ModelConfig
+from dsv4.model.kernels import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
+from dsv4.model.network import (
     Attention,
     Compressor,
     apply_rope,

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from dsv4.config import ModelConfig
+from dsv4.model.config import ModelConfig
 
 # Renames of whole name segments, applied to the part after `layers.L.` (ours -> transformers).
 # Order matters: longer, more specific prefixes first.

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.cache import KVCache
-from dsv4.model import Transformer
+from dsv4.inference.cache import KVCache
+from dsv4.model.network import Transformer
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_CAPACITY = 16_384
@@ -194,7 +194,7 @@ def mtp_step(model: Transformer, cache: KVCache, slots: torch.Tensor, streams: t
 class CompiledDecode:
     """One decode token for each of B slots through `torch.compile`, captured whole.
 
-    Traced with static shapes (`dsv4.model.static_shapes`: the cached forward then reads no
+    Traced with static shapes (`dsv4.model.network.static_shapes`: the cached forward then reads no
     lengths), with a batch padded up to a bucket (powers of two up to max_batch) by repeating
     its last row: the repeat writes the same rows of the same slot, so it changes nothing. Each
     bucket compiles once, on first use; inductor's on-disk cache makes the next start fast.

@@ -11,10 +11,10 @@ Decision on DSML: the tool-call markup `<｜DSML｜tool_calls>`, `<｜DSML｜inv
 ...) is ordinary text. A tag then costs a few tokens but its attributes stay free-form, and a
 user typing a lookalike with ASCII pipes gets ordinary text.
 
-The chat encoding (turns, thinking, tool calls) lives in `dsv4/chat.py`; this module only maps
+The chat encoding (turns, thinking, tool calls) lives in `dsv4/text/chat.py`; this module only maps
 text <-> ids. `encode` adds no BOS/EOS; special-token strings inside the text become their ids.
 `encode_plain` is for text that came from a user, a tool or a document: it never produces a
-special-token id (see its docstring); chat prompts are built with it (`dsv4.chat.encode_chat_ids`).
+special-token id (see its docstring); chat prompts are built with it (`text.chat.encode_chat_ids`).
 """
 
 from __future__ import annotations
