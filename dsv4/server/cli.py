@@ -160,6 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.bind((args.host, args.port))
     except OSError as err:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    # Listen before announcing the address: a client that connects on reading the line then
+    # waits in the backlog until uvicorn accepts, instead of being refused.
+    sock.listen(2048)
     port = sock.getsockname()[1]
     cache_bytes = engine.cache.bytes_by_kind()["total"]
     print(f"dsv4 serve: {label} as {name!r}: {args.max_batch} slots x {capacity:,} tokens, "
