@@ -343,13 +343,16 @@ def latest_step(run_dir: Path) -> int:
 
 def wait_and_kill(proc: subprocess.Popen, run_dir: Path, wait_for: str, delay: float,
                   before: int) -> str | None:
-    """kill -9 once this process logged a step past the checkpoint it resumed from (or a
-    checkpoint write is under way after that), `delay` seconds later. None if it ended first."""
+    """kill -9 `delay` seconds after this process logged a step past the checkpoint it resumed
+    from, or after it began a checkpoint write following a new checkpoint. None if it ended
+    first."""
     deadline = time.monotonic() + 300
     checkpoints = run_dir / "checkpoints"
     while time.monotonic() < deadline and proc.poll() is None:
-        progressed = latest_step(run_dir) > before or \
-            (before and max(steps_of(run_dir), default=0) > before)
+        # mid-run: once a new step is logged; in a write: in the write after a new
+        # checkpoint, so that each kill lands on a later step than the one before
+        progressed = latest_step(run_dir) > before or (
+            wait_for == "metrics" and before and max(steps_of(run_dir), default=0) > before)
         if progressed and wait_for == "metrics":
             break
         if progressed and wait_for == "tmp" and any(
