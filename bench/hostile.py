@@ -524,6 +524,9 @@ class Server:
         self.slowest_health = 0.0
 
     def rss(self) -> int:
+        """Resident bytes once the last request's clean-up ran: the server frees and trims
+        after the response is sent, so a client reading right away races it."""
+        time.sleep(0.5)
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
@@ -623,9 +626,10 @@ def probe_server(w: dict, tally: Tally) -> dict:
     for name, call, status, must in probes:
         result, slowest = server.watched(call)
         outcome = api_outcome(result, status, must)
-        rss = server.rss() / baseline
+        resident = server.rss()
+        rss = resident / baseline
         worst_rss = max(worst_rss, rss)
-        outcome.note = (f"/health {slowest:.2f} s, RSS {server.rss() / 2**20:.0f} MiB "
+        outcome.note = (f"/health {slowest:.2f} s, RSS {resident / 2**20:.0f} MiB "
                         f"({rss:.2f}x); {outcome.note}")
         tally.add("server", name, outcome)
 
@@ -682,7 +686,7 @@ HI = '"messages": [{"role": "user", "content": "hi"}]'
 MALFORMED = [
     ("JSON cut short", "", b'{"model": "tiny", "prompt": "ab', "not valid JSON"),
     ("a JSON list as the body", "", b"[1, 2]", "JSON object"),
-    ("bad UTF-8 in the body", "", b'{"model": "tiny", "prompt": "caf\xe9"}', "UTF-8"),
+    ("bad UTF-8 in the body", "", b'{"model": "tiny", "prompt": "caf\xe9"}', "utf-8"),
     ("temperature NaN", "", b'{"model": "tiny", "prompt": "a", "temperature": NaN}',
      "temperature"),
     ("top_p Infinity", "", b'{"model": "tiny", "prompt": "a", "top_p": Infinity}', "top_p"),
