@@ -61,6 +61,30 @@ def test_full_disk_during_a_metrics_append_leaves_a_run_that_resumes(corpus, tmp
 
 
 @pytest.mark.slow
+def test_an_extended_run_resumed_after_a_failure_equals_the_uninterrupted_one(
+        corpus, tmp_path, monkeypatch) -> None:
+    """A 2-step run extended with --resume --steps 4, stopped by a full disk at step 3 and
+    resumed again, trains as the uninterrupted extension does. (The first resume saved a
+    schedule re-planned for 4 steps from the command line; the second trained with it.)"""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    for run in (whole, broken):
+        assert main(train_args(corpus, run, "--steps", "2")) == 0
+    assert main(train_args(corpus, whole, "--resume", "--steps", "4")) == 0
+    with monkeypatch.context() as patch:
+        full_disk(patch, "trainer.pt", after=1000)
+        assert main(train_args(corpus, broken, "--resume", "--steps", "4")) == 1
+    assert main(train_args(corpus, broken, "--resume", "--steps", "4")) == 0
+
+    def logged(run: Path) -> list[tuple]:
+        return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(run)]
+
+    assert logged(broken) == logged(whole)
+    for run in (whole, broken):  # the plan made at the start is kept: steps 3-4 at the floor
+        saved = json.loads((run / "train_config.json").read_text())
+        assert (saved["steps"], saved["decay_end_step"], saved["out"]) == (4, 2, str(run))
+
+
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_metrics_line_and_says_so(corpus, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     assert main(train_args(corpus, run, "--steps", "2")) == 0

@@ -489,7 +489,6 @@ class Trainer:
         from dsv4.pretrain.data import PackedLoader, TokenStore, validation_batches
         from dsv4.pretrain.optim import build_optimizer
 
-        tc = self.tc
         if self.dist.main:
             self._claim_run_folder()
         latest = self._latest_checkpoint()
@@ -498,6 +497,7 @@ class Trainer:
         elif latest is not None:
             raise TrainingError(f"{self.out} already holds a run (checkpoint {latest.name}); "
                                 f"pass --resume to continue it or --out to start a new one")
+        tc = self.tc  # after resume replaced it: the run's saved settings, not the command's
         tc.plan()
         cfg = self._model_config()
         tc.model_config = cfg.to_dict()
@@ -571,8 +571,8 @@ class Trainer:
         if self.tc.expert_parallel and not saved.expert_parallel:
             raise TrainingError(f"--expert-parallel: the run in {self.out} was started without "
                                 f"it; resume it without the flag (the setting is the run's)")
-        for name in ("steps", "progress", "device", "threads", "samples", "sample_tokens",
-                     "cache_dir"):
+        for name in ("out", "steps", "progress", "device", "threads", "samples",
+                     "sample_tokens", "cache_dir"):
             if getattr(self.tc, name) is not None:
                 setattr(saved, name, getattr(self.tc, name))
         self.tc = saved

@@ -190,6 +190,9 @@ async def handle(server: Server, request: Request, serve, parse, *args: Any):
         raw = await read_body(request, server.limits)
     except ClientGone:
         return JSONResponse({}, status_code=499)
+    except APIError:  # 413 / 408: up to --max-body-bytes were read before the refusal
+        request.scope[RELEASE_MEMORY] = True
+        raise
     if len(raw) > LARGE_BODY_BYTES:
         request.scope[RELEASE_MEMORY] = True
     parsed = await asyncio.to_thread(lambda: parse(parse_json(raw, server.limits), *args))

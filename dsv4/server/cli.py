@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from dsv4.commands import load_inference_model
     from dsv4.server.app import create_app
-    from dsv4.server.limits import ServerLimits, bounded_protocol
+    from dsv4.server.limits import ServerLimits, bounded_protocol, return_large_buffers
 
     if not (args.checkpoint or args.preset or args.config):
         raise CommandError("give a model: dsv4 serve RUN_OR_CHECKPOINT, or --preset NAME "
@@ -141,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not getattr(args, flag) > 0:
             raise CommandError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a "
                                "positive number of seconds")
+    return_large_buffers()
     model, tokenizer, label = load_inference_model(args)
     capacity = request_capacity(model, args)
     engine = build_serving_engine(model, args, capacity)
@@ -159,6 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.bind((args.host, args.port))
     except OSError as err:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    # Listen before announcing the address: a client that connects on reading the line then
+    # waits in the backlog until uvicorn accepts, instead of being refused.
+    sock.listen(2048)
     port = sock.getsockname()[1]
     cache_bytes = engine.cache.bytes_by_kind()["total"]
     print(f"dsv4 serve: {label} as {name!r}: {args.max_batch} slots x {capacity:,} tokens, "
