@@ -29,6 +29,7 @@ from dsv4 import ModelConfig, Transformer  # noqa: E402
 from dsv4.pretrain.optim import build_optimizer  # noqa: E402
 from dsv4.pretrain.train import (  # noqa: E402
     ExpertLoad,
+    learned_routing,
     measure_matmul_peak,
     mtp_inputs_and_targets,
     sequence_balance_loss,
@@ -81,27 +82,28 @@ def main() -> None:
     load = ExpertLoad(ours, cfg.n_routed_experts, device)
 
     def dsv4_train_step() -> None:
-        ours.set_indexer_mode("sparse", loss=True)
+        ours.set_indexer_mode("sparse")
         mtp_in, mtp_targets = mtp_inputs_and_targets(targets, pad_id=2)
         with autocast:
-            logits, mtp_logits = ours(inputs, mtp_input_ids=mtp_in, doc_ids=doc_ids)
+            (logits, mtp_logits), signals = ours(inputs, mtp_input_ids=mtp_in, doc_ids=doc_ids,
+                                                 signals=True)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss = loss + 0.3 * F.cross_entropy(mtp_logits.flatten(0, 1), mtp_targets.flatten())
         mask = torch.ones_like(inputs, dtype=torch.bool)
-        for _, moe in load.layers:
-            loss = loss + 1e-4 * sequence_balance_loss(*moe.last_routing, mask,
-                                                       cfg.n_routed_experts)
-        loss = loss + sum(ours.indexer_losses())
+        routing = learned_routing(signals, cfg.n_hash_layers)
+        for layer in routing:
+            loss = loss + 1e-4 * sequence_balance_loss(*layer, mask, cfg.n_routed_experts)
+        loss = loss + sum(signals.indexer_losses)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         muon.step()
         muon.zero_grad(set_to_none=True)
         load.reset()
-        load.add(mask)
+        load.add(routing, mask)
         load.update_biases(1e-3)
 
     def dsv4_lm_step() -> None:
-        ours.set_indexer_mode("sparse", loss=False)
+        ours.set_indexer_mode("sparse")
         with autocast:
             logits = ours(inputs)
         F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()

@@ -246,11 +246,12 @@ def test_record_mode_logprobs_and_routing_match_the_training_forward(model, prom
         routing = events[rid][-1].routing
         assert routing.shape == (model.cfg.n_layers, len(fed), k)
         with torch.no_grad():
-            logits = model(torch.tensor([fed]))[0, len(prompt) - 1:]
-            natural = torch.stack([layer.ffn.last_routing[0] for layer in model.layers])
+            logits, signals = model(torch.tensor([fed]), signals=True)
+            logits = logits[0, len(prompt) - 1:]
+            natural = torch.stack([layer.indices for layer in signals.routing])
             assert torch.equal(natural, routing)  # fp32: the rollout routed like the forward
-            with model.routing_replay(routing.unsqueeze(1)):
-                replayed = model(torch.tensor([fed]))[0, len(prompt) - 1:]
+            replayed = model(torch.tensor([fed]), routing=routing.unsqueeze(1))
+            replayed = replayed[0, len(prompt) - 1:]
         torch.testing.assert_close(replayed, logits)
         for t, event in enumerate(sampled):
             scaled = logits[t] / params.temperature
@@ -264,17 +265,15 @@ def test_record_mode_logprobs_and_routing_match_the_training_forward(model, prom
 def test_routing_replay_forces_the_experts(model, prompts) -> None:
     ids = torch.tensor([prompts[2]])
     with torch.no_grad():
-        logits = model(ids)
-        own = torch.stack([layer.ffn.last_routing[0] for layer in model.layers])
+        logits, signals = model(ids, signals=True)
+        own = torch.stack([layer.indices for layer in signals.routing])
         other = (own + 1) % model.cfg.n_routed_experts  # different experts, still distinct
-        with model.routing_replay(other.unsqueeze(1)):
-            forced = model(ids)
-        assert torch.equal(model.layers[-1].ffn.last_routing[0], other[-1])
+        forced, signals = model(ids, routing=other.unsqueeze(1), signals=True)
+        assert torch.equal(signals.routing[-1].indices, other[-1])
+        assert torch.equal(model(ids), logits)  # the replay ended with its forward
     assert not torch.allclose(forced, logits)
-    assert all(layer.ffn.forced_routing is None for layer in model.layers)
     with pytest.raises(ValueError, match="routing of shape"):
-        with model.routing_replay(own):
-            pass
+        model(ids, routing=own)
 
 
 def test_record_mode_refuses_speculation(model) -> None:

@@ -111,9 +111,9 @@ def test_indexer_loss_trains_only_the_indexer() -> None:
         0, model.cfg.vocab_size, (2, 260), generator=torch.Generator().manual_seed(3)
     )
     for mode in ("dense", "sparse"):
-        model.set_indexer_mode(mode, loss=True)
-        logits = model(ids)
-        losses = model.indexer_losses()
+        model.set_indexer_mode(mode)
+        logits, signals = model(ids, signals=True)
+        losses = signals.indexer_losses
         assert len(losses) == 2 and all(torch.isfinite(x) and x >= 0 for x in losses)
         model.zero_grad()
         sum(losses).backward(retain_graph=True)
@@ -127,6 +127,27 @@ def test_indexer_loss_trains_only_the_indexer() -> None:
         touched = {n for n, p in model.named_parameters() if p.grad is not None}
         assert not touched & indexer
     model.set_indexer_mode("sparse")
+
+
+def test_signals_report_every_layer_and_change_nothing(model: Transformer) -> None:
+    """signals=True gives the same logits plus one routing per MoE layer (main layers, then
+    MTP) and the CSA layers' indexer losses; replaying the reported routing changes nothing."""
+    cfg, (batch, length) = model.cfg, (2, 260)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
+    mtp_ids = torch.roll(ids, -1, dims=1)
+    with torch.no_grad():
+        plain = model(ids, mtp_input_ids=mtp_ids)
+        (logits, mtp_logits), signals = model(ids, mtp_input_ids=mtp_ids, signals=True)
+        replay = torch.stack([r.indices for r in signals.routing])
+        replayed = model(ids, routing=replay.view(cfg.n_layers, batch, length, -1))
+    assert torch.equal(logits, plain[0]) and torch.equal(mtp_logits, plain[1])
+    assert torch.equal(replayed, plain[0])
+    assert (len(signals.routing), len(signals.mtp_routing)) == (cfg.n_layers, cfg.n_mtp_layers)
+    for indices, scores in signals.routing + signals.mtp_routing:
+        assert indices.shape == (batch * length, cfg.n_activated_experts)
+        assert scores.shape == (batch * length, cfg.n_routed_experts)
+    assert len(signals.indexer_losses) == cfg.layer_kinds.count("csa")
 
 
 def test_dense_mode_attends_every_visible_entry_and_sparse_only_top_k() -> None:

@@ -54,8 +54,8 @@ def test_trainer_logprobs_equal_the_engines(model, prompts, params, n) -> None:
     on = batch.mask.bool()
     torch.testing.assert_close(trainer[on], batch.old_logprobs[on], atol=1e-4, rtol=0)
     # The renormalization and temperature are what make it equal: the plain softmax differs.
-    with torch.no_grad(), model.routing_replay(batch.routing):
-        plain = model(batch.input_ids).log_softmax(-1).gather(
+    with torch.no_grad():
+        plain = model(batch.input_ids, routing=batch.routing).log_softmax(-1).gather(
             -1, batch.targets.unsqueeze(-1)).squeeze(-1)
     assert (plain[on] - batch.old_logprobs[on]).abs().max() > 1e-3
 

@@ -17,12 +17,13 @@ import torch
 
 import dsv4
 from dsv4.cli import build_parser, main
-from dsv4.model.network import Attention
+from dsv4.model.network import Attention, Routing
 from dsv4.pretrain.train import (
     ExpertLoad,
     TrainConfig,
     TrainingError,
     indexer_mode,
+    learned_routing,
     lr_factor,
     mtp_inputs_and_targets,
     mtp_weight,
@@ -103,15 +104,30 @@ def test_loss_free_bias_update_lowers_overloaded_experts() -> None:
     assert [name for name, _ in load.layers] == ["layers.1.ffn", "layers.2.ffn", "layers.3.ffn",
                                                  "mtp.0.ffn"]  # hash layer 0 excluded
     indices = torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2)
-    for _, moe in load.layers:
-        moe.last_routing = (indices, torch.ones(8, 8))
-    load.add(torch.ones(1, 8, dtype=torch.bool))
+    routing = [Routing(indices, torch.ones(8, 8))] * len(load.layers)
+    load.add(routing, torch.ones(1, 8, dtype=torch.bool))
     assert load.max_violation() == pytest.approx(6 / 2 - 1)
     load.update_biases(0.001)
     bias = load.layers[0][1].gate.bias
     assert bias[:2].tolist() == pytest.approx([-0.001] * 2)  # overloaded
     assert bias[2:4].tolist() == [0.0, 0.0]  # exactly at the mean load of 2
     assert bias[4:].tolist() == pytest.approx([0.001] * 4)  # idle
+
+
+def test_learned_routing_lines_up_with_the_balanced_layers() -> None:
+    """The routing the balance loss and the load statistics read is each layer's own."""
+    model = dsv4.Transformer(tiny_config(n_hash_layers=1))
+    load = ExpertLoad(model, 8, torch.device("cpu"))
+    with torch.no_grad():
+        for expert, (_, moe) in enumerate(load.layers):  # each layer favours its own expert
+            moe.gate.bias[expert] = 100.0
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=gen)
+        _, signals = model(ids, mtp_input_ids=ids, signals=True)
+    routing = learned_routing(signals, model.cfg.n_hash_layers)
+    assert len(routing) == len(load.layers)
+    for expert, (indices, _) in enumerate(routing):
+        assert bool((indices == expert).any(dim=-1).all())
 
 
 def test_help_quotes_the_real_defaults() -> None:

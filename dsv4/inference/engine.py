@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4.inference.cache import KVCache
-from dsv4.model.network import Transformer
+from dsv4.model.network import Signals, Transformer
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_CAPACITY = 16_384
@@ -171,14 +171,15 @@ def raw_logprobs(logits: torch.Tensor, token: int, top: int
 
 @torch.inference_mode()
 def forward_step(model: Transformer, cache: KVCache, slots: torch.Tensor,
-                 input_ids: torch.Tensor, all_logits: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 input_ids: torch.Tensor, all_logits: bool = False,
+                 collect: Signals | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed T new tokens to each of B slots (each continues from its own length).
 
     slots: [B] long; input_ids: [B, T]. Returns (logits [B, T or 1, V] fp32 — only the last
     position unless `all_logits` — and the final residual streams [B, T, N, dim]).
+    collect: a `Signals` that receives each main layer's routing of the B x T tokens.
     """
-    x = model.hidden_streams(input_ids, cache=cache, slots=slots)
+    x = model.hidden_streams(input_ids, cache=cache, slots=slots, collect=collect)
     hidden = x if all_logits else x[:, -1:]
     return model.logits(model.collapse(hidden)), x
 
@@ -275,7 +276,8 @@ class Event:
     With `Engine(record=True)` (for RL): `logprob` and `kept` describe the sampled token
     (`token`, or `stop_token` when a stop token ended the request; see `Draw`), and
     the finishing event's `routing` [n_layers, L, k] holds the experts every fed position
-    (prompt + sampled tokens but the last) was routed to, for `Transformer.routing_replay`.
+    (prompt + sampled tokens but the last) was routed to, for routing replay
+    (`Transformer.forward`'s `routing`).
     """
 
     request_id: int
@@ -461,8 +463,9 @@ class Engine:
             batch = batch[:1]
         slots = torch.tensor([r.slot for r in batch], device=self.device)
         ids = torch.tensor([r.prompt[r.fed : r.fed + n] for r in batch], device=self.device)
-        logits, streams = forward_step(self.model, self.cache, slots, ids)
-        self.record_routing(batch, n)
+        signals = self.new_signals()
+        logits, streams = forward_step(self.model, self.cache, slots, ids, collect=signals)
+        self.record_routing(batch, n, signals)
         samplers, rows = [], []
         for i, request in enumerate(batch):
             if self.use_mtp:
@@ -498,11 +501,12 @@ class Engine:
     def decode(self, requests: list[Request]) -> list[Event]:
         slots = torch.tensor([r.slot for r in requests], device=self.device)
         ids = torch.tensor([[r.next_token] for r in requests], device=self.device)
-        if self.compiled is not None:
+        signals = self.new_signals()
+        if self.compiled is not None:  # (never recording: see __init__)
             logits = self.compiled(slots, ids)
         else:
-            logits, _ = forward_step(self.model, self.cache, slots, ids)
-        self.record_routing(requests, 1)
+            logits, _ = forward_step(self.model, self.cache, slots, ids, collect=signals)
+        self.record_routing(requests, 1, signals)
         return self.sample_next(requests, logits[:, -1])
 
     def sample_next(self, requests: list[Request], logits: torch.Tensor) -> list[Event]:
@@ -514,13 +518,18 @@ class Engine:
             events += self.emit(request, [draw.token], row, draw)
         return events
 
-    def record_routing(self, requests: list[Request], n_tokens: int) -> None:
+    def new_signals(self) -> Signals | None:
+        """Record mode asks each forward for its routing; otherwise nothing is collected."""
+        return Signals() if self.record else None
+
+    def record_routing(self, requests: list[Request], n_tokens: int,
+                       signals: Signals | None) -> None:
         """Record mode: keep the experts each request's newly fed tokens were routed to."""
-        if not self.record:
+        if signals is None:
             return
         k = self.cfg.n_activated_experts
-        chosen = torch.stack([layer.ffn.last_routing[0].view(len(requests), n_tokens, k)
-                              for layer in self.model.layers], dim=1).cpu()  # [B, L, T, k]
+        chosen = torch.stack([routing.indices.view(len(requests), n_tokens, k)
+                              for routing in signals.routing], dim=1).cpu()  # [B, L, T, k]
         for request, routing in zip(requests, chosen):
             request.routing.append(routing)
 

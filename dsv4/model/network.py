@@ -22,13 +22,17 @@ Training additions (all optional, off by default):
   document starting at a multiple of 128 (the packer's alignment), a packed row gives exactly
   the logits of each document run alone (tests/test_model_training.py).
 - Lightning Indexer training (`Transformer.set_indexer_mode`), see `Attention.compressed`.
+- Training signals: `forward(..., signals=True)` also returns a `Signals` (each MoE layer's
+  routing, each CSA layer's indexer loss), and `forward(..., routing=...)` replays recorded
+  experts. Both are arguments and return values: no module keeps state between forwards.
 - `ModelConfig.hc_plain_residual`: a plain residual stream in place of mHC (an ablation).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -618,9 +622,6 @@ class Attention(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg, compress_ratio > 0), persistent=False)
         # Lightning Indexer training (CSA layers; see `compressed`). Defaults = inference.
         self.indexer_mode = "sparse"  # or "dense": attend every visible compressed entry
-        self.indexer_loss = False  # compute `last_indexer_loss` (KL to the main attention)
-        self.last_indexer_loss: torch.Tensor | None = None
-        self._index_scores: torch.Tensor | None = None  # between `compressed` and `forward`
 
     def simulate_fp8(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 round trip (blocks of 64) of the non-RoPE dims of a KV entry (spec §8)."""
@@ -663,13 +664,28 @@ class Attention(nn.Module):
         - `indexer_mode = "dense"` (the warm-up): a CSA layer attends every visible compressed
           entry, like HCA; the indexer still scores them.
         - `indexer_mode = "sparse"`: attention uses the indexer's top-k (the released model).
-        - `indexer_loss = True`: the indexer sees *detached* inputs (so the LM loss never trains
-          it and its loss never trains the rest) and `forward` stores in `last_indexer_loss`
-          KL(p || q) per query, averaged over queries: p = the main attention's probabilities on
-          the attended entries, summed over heads and L1-normalized (detached); q = softmax of
-          the index scores over the same entries (all visible ones when dense, the top-k set
-          when sparse).
+        - the indexer loss (`forward(..., indexer_loss=True)`): the indexer sees *detached*
+          inputs (so the LM loss never trains it and its loss never trains the rest); the loss
+          is KL(p || q) per query, averaged over queries: p = the main attention's
+          probabilities on the attended entries, summed over heads and L1-normalized
+          (detached); q = softmax of the index scores over the same entries (all visible ones
+          when dense, the top-k set when sparse).
         """
+        entries, mask, _ = self.compressed_scored(x, q_latent, positions, cos, sin, doc_ids)
+        return entries, mask
+
+    def compressed_scored(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        cos,
+        sin,
+        doc_ids: torch.Tensor | None = None,
+        indexer_loss: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`compressed`, plus the index scores [B, S, C] (None on HCA layers); indexer_loss
+        detaches the indexer's inputs for its loss (see `compressed`)."""
         if doc_ids is None:
             entries = self.simulate_fp8(self.compressor(x, self.inv_freq))
             n_visible = visible_entries(positions, self.ratio)  # [1, S]
@@ -681,10 +697,9 @@ class Attention(nn.Module):
             )
             entries = self.simulate_fp8(entries)
             visible = visible_document_entries(doc_ids, entry_doc, entry_ok, self.ratio)
-        self._index_scores = None
         if self.indexer is None:  # HCA: every visible entry
-            return entries, visible
-        if self.indexer_loss:
+            return entries, visible, None
+        if indexer_loss:
             x, q_latent = x.detach(), q_latent.detach()
         if doc_ids is None:
             keys = self.indexer.compressor(x, self.inv_freq)
@@ -698,9 +713,7 @@ class Attention(nn.Module):
             mask = visible
         else:
             mask = Indexer.select_visible(scores, visible, self.indexer.topk)
-        if self.indexer_loss:
-            self._index_scores = scores
-        return entries, mask
+        return entries, mask, scores
 
     def forward(
         self,
@@ -709,33 +722,34 @@ class Attention(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache=None,
         slots: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: [B, S, dim] (normalized) -> [B, S, dim].
+        indexer_loss: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, S, dim] (normalized) -> ([B, S, dim], the indexer loss or None).
 
         Without a cache: the full sequence, positions [1, S] = 0..S-1, or with doc_ids [B, S]
         the document-relative positions [B, S]. With a cache (`inference.cache.LayerCache`): S new
         tokens of each slot [B, 1], positions [B, S] continuing each slot's length; the cache
         supplies the window and compressed entries and stores the new ones.
+        indexer_loss: a CSA layer's full-sequence forward also returns its indexer's KL loss
+        (see `compressed`); None otherwise, and when no query attends an entry.
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         q, kv, q_latent = self.project(x, cos, sin)
         if cache is not None:
-            return self.output(cache.attend(self, x, q, kv, q_latent, positions, slots, cos, sin),
-                               cos, sin)
-        entries = mask = None
-        self._index_scores = None
+            o = cache.attend(self, x, q, kv, q_latent, positions, slots, cos, sin)
+            return self.output(o, cos, sin), None
+        entries = mask = scores = None
         if self.compressor is not None:
-            entries, mask = self.compressed(x, q_latent, positions, cos, sin, doc_ids)
-        want_probs = self._index_scores is not None
-        o = sparse_attention(
-            q, kv, self.attn_sink, self.window, entries, mask, doc_ids, want_probs
+            entries, mask, scores = self.compressed_scored(
+                x, q_latent, positions, cos, sin, doc_ids, indexer_loss
+            )
+        if not indexer_loss or scores is None:
+            o = sparse_attention(q, kv, self.attn_sink, self.window, entries, mask, doc_ids)
+            return self.output(o, cos, sin), None
+        o, entry_probs = sparse_attention(
+            q, kv, self.attn_sink, self.window, entries, mask, doc_ids, return_entry_probs=True
         )
-        self.last_indexer_loss = None
-        if want_probs:
-            o, entry_probs = o
-            self.last_indexer_loss = indexer_kl_loss(self._index_scores, mask, entry_probs)
-            self._index_scores = None
-        return self.output(o, cos, sin)
+        return self.output(o, cos, sin), indexer_kl_loss(scores, mask, entry_probs)
 
 
 def indexer_kl_loss(
@@ -909,6 +923,14 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+class Routing(NamedTuple):
+    """How one MoE layer routed its T = B * S tokens. A NamedTuple rather than a dataclass:
+    torch.compile and FSDP's output hooks see through tuples."""
+
+    indices: torch.Tensor  # [T, k] the chosen experts
+    scores: torch.Tensor  # [T, E] fp32 router scores (without the bias), with their graph
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, hash_routed: bool):
         super().__init__()
@@ -923,23 +945,45 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
-        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, scores)
-        self.forced_routing: torch.Tensor | None = None  # [tokens, k], see `routing_replay`
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None, forced: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Routing]:
+        """x: [B, S, dim] -> (same shape, how its B * S tokens were routed).
+
+        forced [B, S, k]: route to these experts (replay) instead of choosing them."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, indices, scores = self.gate(flat, input_ids, self.forced_routing)
-        self.last_routing = (indices, scores)  # read by training for balancing statistics
+        if forced is not None:
+            forced = forced.reshape(-1, forced.shape[-1])
+        weights, indices, scores = self.gate(flat, input_ids, forced)
         out = self.experts(flat, indices, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(shape)
+        return out.view(shape), Routing(indices, scores)
 
 
 # ---------------------------------------------------------------------------------------------
 # Block, MTP block, model
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Signals:
+    """What a forward reports beside its logits when asked (`Transformer.forward(...,
+    signals=True)`, or the `collect` argument of `hidden_streams`): what the balance loss, the
+    expert-load statistics, the indexer loss and the RL rollouts' recorded routing need.
+    Filled layer by layer, main layers first."""
+
+    routing: list[Routing] = field(default_factory=list)  # one per main layer, in order
+    mtp_routing: list[Routing] = field(default_factory=list)  # the MTP block's, when it ran
+    indexer_losses: list[torch.Tensor] = field(default_factory=list)  # CSA layers, then MTP
+
+    def add(self, routing: Routing, indexer_loss: torch.Tensor | None, mtp: bool = False
+            ) -> None:
+        (self.mtp_routing if mtp else self.routing).append(routing)
+        if indexer_loss is not None:
+            self.indexer_losses.append(indexer_loss)
 
 
 class Block(nn.Module):
@@ -962,13 +1006,19 @@ class Block(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache=None,
         slots: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: [B, S, N, dim] residual streams -> same shape (cache, slots: see Attention)."""
+        forced: torch.Tensor | None = None,
+        indexer_loss: bool = False,
+    ) -> tuple[torch.Tensor, Routing, torch.Tensor | None]:
+        """x: [B, S, N, dim] residual streams -> (same shape, the MoE's routing, the indexer
+        loss or None). cache, slots, indexer_loss: see Attention; forced: see MoE."""
         h, post, comb = self.hc.pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        attn_out = self.attn(self.attn_norm(h), positions, doc_ids, cache, slots)
+        attn_out, attn_loss = self.attn(
+            self.attn_norm(h), positions, doc_ids, cache, slots, indexer_loss
+        )
         x = self.hc.post(attn_out, x, post, comb)
         h, post, comb = self.hc.pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
-        return self.hc.post(self.ffn(self.ffn_norm(h), input_ids), x, post, comb)
+        ffn_out, routing = self.ffn(self.ffn_norm(h), input_ids, forced)
+        return self.hc.post(ffn_out, x, post, comb), routing, attn_loss
 
 
 class MTPBlock(Block):
@@ -992,17 +1042,21 @@ class MTPBlock(Block):
         doc_ids: torch.Tensor | None = None,
         cache=None,
         slots: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        indexer_loss: bool = False,
+    ) -> tuple[torch.Tensor, Routing, torch.Tensor | None]:
         """x: [B, S, N, dim] main final streams; next_embed: [B, S, dim] embedding of token t+1.
-        Returns the normalized hidden state [B, S, dim] fed to the shared head."""
+        Returns the normalized hidden state [B, S, dim] fed to the shared head, with the
+        routing and indexer loss as `Block.forward`."""
         streams = self.h_proj(self.hnorm(x)) + self.e_proj(self.enorm(next_embed)).unsqueeze(-2)
-        streams = super().forward(streams, positions, None, doc_ids, cache, slots)
+        streams, routing, attn_loss = super().forward(
+            streams, positions, None, doc_ids, cache, slots, indexer_loss=indexer_loss
+        )
         eps = self.hc.hc_eps, self.hc.norm_eps
         streams = hc_head(
             streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, *eps,
             plain=self.hc.plain,
         )
-        return self.norm(streams)
+        return self.norm(streams), routing, attn_loss
 
 
 class Transformer(nn.Module):
@@ -1054,18 +1108,31 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache=None,
         slots: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        collect: Signals | None = None,
     ) -> torch.Tensor:
         """Final mHC residual streams [B, S, N, dim] (before the HC head).
 
         With a cache (`inference.cache.KVCache`), input_ids are S new tokens for each of the cache
         slots [B], each continuing from its own length; the cache advances by S.
+        routing [n_layers, B, S, k]: replay these experts (see `forward`). collect: a `Signals`
+        to add each layer's routing and indexer loss to (the loss only without a cache).
         """
         positions = self.new_positions(input_ids, doc_ids, cache, slots)
-        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        n = len(self.layers)
+        layer_caches = cache.layers if cache is not None else [None] * n
+        if routing is not None:
+            self.check_routing(routing, input_ids)
+        forced = routing if routing is not None else [None] * n
         h = self.embed(input_ids)
         x = h.unsqueeze(-2).expand(*h.shape[:-1], self.cfg.hc_mult, h.shape[-1]).contiguous()
-        for layer, layer_cache in zip(self.layers, layer_caches):
-            x = layer(x, positions, input_ids, doc_ids, layer_cache, column(slots))
+        for layer, layer_cache, chosen in zip(self.layers, layer_caches, forced):
+            x, layer_routing, indexer_loss = layer(
+                x, positions, input_ids, doc_ids, layer_cache, column(slots), chosen,
+                indexer_loss=collect is not None,
+            )
+            if collect is not None:
+                collect.add(layer_routing, indexer_loss)
         if cache is not None:
             cache.advance(slots, input_ids.shape[1])
         return x
@@ -1077,14 +1144,20 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache=None,
         slots: torch.Tensor | None = None,
+        collect: Signals | None = None,
     ) -> torch.Tensor:
         """The MTP block's normalized hidden state [B, S, dim]: position t takes the main
         model's final streams [B, S, N, dim] at t and token t+1 (next_ids [B, S]), and predicts
-        token t+2. With a cache: its MTP layer, which lags the main layers by one token."""
+        token t+2. With a cache: its MTP layer, which lags the main layers by one token.
+        collect: as `hidden_streams` (the block's routing goes to `Signals.mtp_routing`)."""
         positions = self.new_positions(next_ids, doc_ids, cache, slots, mtp=True)
         mtp_cache = cache.mtp[0] if cache is not None else None
-        hidden = self.mtp[0](streams, self.embed(next_ids), positions, doc_ids, mtp_cache,
-                             column(slots))
+        hidden, routing, indexer_loss = self.mtp[0](
+            streams, self.embed(next_ids), positions, doc_ids, mtp_cache, column(slots),
+            indexer_loss=collect is not None,
+        )
+        if collect is not None:
+            collect.add(routing, indexer_loss, mtp=True)
         if cache is not None:
             cache.advance(slots, next_ids.shape[1], mtp=True)
         return hidden
@@ -1111,40 +1184,21 @@ class Transformer(nn.Module):
         return document_positions(doc_ids)
 
     # -- training switches --------------------------------------------------------------------
-    def set_indexer_mode(self, mode: str = "sparse", loss: bool = False) -> None:
-        """CSA layers attend the indexer's top-k ("sparse") or every visible entry ("dense");
-        with loss=True each stores its indexer KL loss (see `Attention.compressed`)."""
+    def set_indexer_mode(self, mode: str = "sparse") -> None:
+        """CSA layers attend the indexer's top-k ("sparse") or every visible entry ("dense"),
+        see `Attention.compressed`. (The indexer loss is asked per forward.)"""
         if mode not in ("sparse", "dense"):
             raise ValueError(f"indexer mode {mode!r}: must be 'sparse' or 'dense'")
         for module in self.modules():
             if isinstance(module, Attention) and module.indexer is not None:
-                module.indexer_mode, module.indexer_loss = mode, loss
+                module.indexer_mode = mode
 
-    def indexer_losses(self) -> list[torch.Tensor]:
-        """The indexer KL losses the last forward stored (one per CSA layer that had entries)."""
-        return [
-            m.last_indexer_loss
-            for m in self.modules()
-            if isinstance(m, Attention) and m.last_indexer_loss is not None
-        ]
-
-    @contextlib.contextmanager
-    def routing_replay(self, routing: torch.Tensor):
-        """Inside the block, the main layers' MoEs use the given experts instead of choosing:
-        routing [n_layers, B, S, k] (e.g. recorded while sampling, so that an RL training
-        forward routes every token exactly as the rollout did). Gate weights still come from
-        the current scores, so gradients flow as usual."""
+    def check_routing(self, routing: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """A replayed routing must name k experts for every main layer and token."""
         n, k = len(self.layers), self.cfg.n_activated_experts
-        if routing.dim() != 4 or routing.shape[0] != n or routing.shape[-1] != k:
+        if routing.shape != (n, *input_ids.shape, k):
             raise ValueError(f"routing of shape {tuple(routing.shape)}: expected "
-                             f"[n_layers={n}, batch, seq, k={k}]")
-        try:
-            for layer, chosen in zip(self.layers, routing):
-                layer.ffn.forced_routing = chosen.reshape(-1, k)
-            yield
-        finally:
-            for layer in self.layers:
-                layer.ffn.forced_routing = None
+                             f"[n_layers={n}, batch, seq, k={k}] = {(n, *input_ids.shape, k)}")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head.weight.to(hidden.dtype)).float()
@@ -1162,6 +1216,8 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         mtp_input_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        signals: bool = False,
     ):
         """input_ids: [B, S] -> logits [B, S, V] (fp32).
 
@@ -1169,16 +1225,21 @@ class Transformer(nn.Module):
         next-token targets), also returns the MTP block's logits [B, S, V], where position t
         predicts token t+2: `(logits, mtp_logits)`.
         doc_ids [B, S]: packed documents (runs of equal ids) that never attend to each other.
+        routing [n_layers, B, S, k]: the main layers' MoEs use these experts instead of
+        choosing (routing replay: an RL training forward routes every token as the rollout
+        did); gate weights still come from the current scores, so gradients flow as usual.
+        signals: return `(the above, Signals)`: each layer's routing and indexer loss.
         """
         self.check_ids(input_ids)
-        x = self.hidden_streams(input_ids, doc_ids)
-        logits = self.logits(self.collapse(x))
-        if mtp_input_ids is None:
-            return logits
-        if not len(self.mtp):
-            raise ValueError("this model has no MTP block (n_mtp_layers=0)")
-        self.check_ids(mtp_input_ids, like=input_ids)
-        return logits, self.logits(self.mtp_hidden(x, mtp_input_ids, doc_ids))
+        collect = Signals() if signals else None
+        x = self.hidden_streams(input_ids, doc_ids, routing=routing, collect=collect)
+        out = self.logits(self.collapse(x))
+        if mtp_input_ids is not None:
+            if not len(self.mtp):
+                raise ValueError("this model has no MTP block (n_mtp_layers=0)")
+            self.check_ids(mtp_input_ids, like=input_ids)
+            out = out, self.logits(self.mtp_hidden(x, mtp_input_ids, doc_ids, collect=collect))
+        return out if collect is None else (out, collect)
 
     def check_ids(self, ids: torch.Tensor, like: torch.Tensor | None = None) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):

@@ -62,7 +62,7 @@ def load_model_and_tokenizer(path: str | os.PathLike[str]) -> tuple[Transformer,
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise PosttrainError(f"{tokenizer_path}: {tokenizer.vocab_size} token ids, more than "
                              f"the model's vocab_size={model.cfg.vocab_size}")
-    model.set_indexer_mode("sparse", loss=False)
+    model.set_indexer_mode("sparse")
     return model, tokenizer
 
 
@@ -249,11 +249,7 @@ def policy_logprobs(model: Transformer, batch: RolloutBatch, temperature: float,
                     replay: bool = True) -> torch.Tensor:
     """The model's log-probs of the rollout tokens [B, S] (0 off the mask), routing every
     position to the experts the rollout used (Keep Routing) when `replay`."""
-    if replay:
-        with model.routing_replay(batch.routing):
-            logits = model(batch.input_ids)
-    else:
-        logits = model(batch.input_ids)
+    logits = model(batch.input_ids, routing=batch.routing if replay else None)
     logp = sampling_logprobs(logits, batch.targets, temperature, batch.kept)
     return logp.masked_fill(batch.mask == 0, 0.0)
 

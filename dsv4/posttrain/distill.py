@@ -129,8 +129,8 @@ def run_distill(student, teachers: dict[str, Any], tokenizer, domains: dict[str,
         # One student forward over every domain's samples (fewer, larger ops than one per
         # domain; right padding changes no real position), each domain's rows to its teacher.
         batch = rollout_batch(rollouts, student.cfg.vocab_size, pad_id).to(device)
-        with autocast(cfg.bf16, device), student.routing_replay(batch.routing):
-            student_logits = student(batch.input_ids)
+        with autocast(cfg.bf16, device):
+            student_logits = student(batch.input_ids, routing=batch.routing)
         for index, name in enumerate(names):
             rows = slice(index * cfg.prompts_per_domain, (index + 1) * cfg.prompts_per_domain)
             with torch.no_grad(), autocast(cfg.bf16, device):

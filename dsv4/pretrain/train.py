@@ -66,7 +66,7 @@ from dsv4.files import (
     write_text_atomic,
 )
 from dsv4.model.config import ModelConfig
-from dsv4.model.network import Attention, MoE, Transformer, rebuild_rope_tables
+from dsv4.model.network import MoE, Routing, Signals, Transformer, rebuild_rope_tables
 
 IGNORE_INDEX = -100
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -244,6 +244,12 @@ def routed_gates(model: torch.nn.Module) -> list[tuple[str, MoE]]:
             if isinstance(m, MoE) and not m.gate.hash_routed]
 
 
+def learned_routing(signals: Signals, n_hash_layers: int) -> list[Routing]:
+    """A forward's routing of the `routed_gates` layers, in their order: the main layers after
+    the hash-routed ones, then the MTP block."""
+    return signals.routing[n_hash_layers:] + signals.mtp_routing
+
+
 class ExpertLoad:
     """Tokens per expert over one optimizer step, per learned-routing layer; drives the
     loss-free bias update and the logged load statistics."""
@@ -252,11 +258,15 @@ class ExpertLoad:
         self.layers = routed_gates(model)
         self.counts = torch.zeros(len(self.layers), n_experts, device=device)
 
-    def add(self, token_mask: torch.Tensor) -> None:
+    def add(self, routing: list[Routing], token_mask: torch.Tensor) -> None:
+        """Count a forward's routing of `self.layers` (`learned_routing`) over the real tokens."""
+        if len(routing) != len(self.layers):
+            raise ValueError(f"routing of {len(routing)} layers for {len(self.layers)} "
+                             f"learned-routing layers")
         flat_mask = token_mask.reshape(-1)
-        for i, (_, moe) in enumerate(self.layers):
-            indices = moe.last_routing[0][flat_mask]
-            self.counts[i] += torch.bincount(indices.flatten(), minlength=self.counts.shape[1])
+        for i, (indices, _) in enumerate(routing):
+            chosen = indices[flat_mask]
+            self.counts[i] += torch.bincount(chosen.flatten(), minlength=self.counts.shape[1])
 
     def reduce(self) -> None:
         if dist.is_initialized():
@@ -637,9 +647,11 @@ class Trainer:
         with self.autocast():
             if self.cfg.n_mtp_layers:
                 mtp_in, mtp_targets = mtp_inputs_and_targets(targets, pad)
-                logits, mtp_logits = model(ids, mtp_input_ids=mtp_in, doc_ids=doc_ids)
+                (logits, mtp_logits), signals = model(ids, mtp_input_ids=mtp_in, doc_ids=doc_ids,
+                                                      signals=True)
             else:
-                logits, mtp_logits = model(ids, doc_ids=doc_ids), None
+                logits, signals = model(ids, doc_ids=doc_ids, signals=True)
+                mtp_logits = None
         out = {"ce": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"),
                "tokens": (targets != IGNORE_INDEX).sum()}
         if mtp_logits is not None:
@@ -647,23 +659,20 @@ class Trainer:
                                          reduction="sum")
             out["mtp_tokens"] = (mtp_targets != IGNORE_INDEX).sum()
         token_mask = ids != pad
-        balance = [sequence_balance_loss(*moe.last_routing, token_mask, self.cfg.n_routed_experts)
-                   for _, moe in self.load.layers]
+        routing = learned_routing(signals, self.cfg.n_hash_layers)
+        balance = [sequence_balance_loss(*layer, token_mask, self.cfg.n_routed_experts)
+                   for layer in routing]
         out["balance"] = torch.stack(balance).sum() if balance else logits.new_zeros(())
-        indexer = self._indexer_losses()
+        indexer = signals.indexer_losses
         out["indexer"] = torch.stack(indexer).mean() if indexer else logits.new_zeros(())
-        self.load.add(token_mask)
+        self.load.add(routing, token_mask)
         return out
-
-    def _indexer_losses(self) -> list[torch.Tensor]:
-        return [m.last_indexer_loss for m in self.model.modules()
-                if isinstance(m, Attention) and m.last_indexer_loss is not None]
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `accum` micro-batches; returns the logged numbers."""
         tc, step = self.tc, self.step
         self.model.train()
-        set_indexer_mode(self.model, indexer_mode(step, tc), loss=True)
+        self.model.set_indexer_mode(indexer_mode(step, tc))
         factor = lr_factor(step, tc)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -753,7 +762,7 @@ class Trainer:
         if not self.val:
             return None
         self.model.eval()
-        set_indexer_mode(self.model, indexer_mode(max(self.step - 1, 0), self.tc), loss=False)
+        self.model.set_indexer_mode(indexer_mode(max(self.step - 1, 0), self.tc))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in self.val:
             ids, targets, doc_ids = (t.to(self.device) for t in
@@ -925,12 +934,6 @@ def spread(items: list, count: int) -> list:
             for i in range(count)]
 
 
-def set_indexer_mode(model: torch.nn.Module, mode: str, loss: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, Attention) and module.indexer is not None:
-            module.indexer_mode, module.indexer_loss = mode, loss
-
-
 def save_torch_atomic(obj: Any, path: Path) -> None:
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
@@ -1073,7 +1076,7 @@ def _train(trainer: Trainer, log) -> dict[str, Any]:
                 + f"; metrics in {trainer.out / METRICS_NAME}, plot {trainer.out / PLOT_NAME}")
     if main and not summary["interrupted"] and tc.samples > 0:
         model = trainer._full_model() if trainer.dist.world_size > 1 else trainer.model
-        set_indexer_mode(model, "sparse", loss=False)
+        model.set_indexer_mode("sparse")
         samples = generate_samples(model, trainer.tokenizer, SAMPLE_PROMPTS[: tc.samples],
                                    tc.sample_tokens, seed=tc.seed)
         summary["samples"] = samples
