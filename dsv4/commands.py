@@ -12,12 +12,38 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
+from dsv4.errors import Error
 from dsv4.model.config import PRESETS, ModelConfig
+from dsv4.options import positive_float, positive_int  # noqa: F401  (the commands' types)
 
 
-class CommandError(Exception):
+class CommandError(Error):
     """A user error a command reports in one line (exit code 2), never as a traceback."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose options may be added late: `defer(add)` runs `add(self)` the
+    first time the command is parsed (or its help printed). Options derived from a config
+    dataclass import its module, and with it torch; deferred, `dsv4 --help` and `dsv4 info`
+    stay instant."""
+
+    def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._deferred = [*getattr(self, "_deferred", []), add]
+
+    def _add_deferred(self) -> None:
+        for add in getattr(self, "_deferred", []):
+            add(self)
+        self._deferred = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_deferred()
+        return super().format_help()
 
 
 # ---- shared argument helpers ------------------------------------------------------------
@@ -36,16 +62,6 @@ def load_model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
     if args.preset is not None:
         return ModelConfig.from_preset(args.preset), args.preset
     return ModelConfig.from_file(args.config), args.config
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def add_compile_argument(group) -> None:
@@ -134,13 +150,10 @@ def load_inference_model(args: argparse.Namespace):
                            "and --random")
     if args.checkpoint:
         import dsv4
-        from dsv4.weights.checkpoint import CheckpointError, find_tokenizer
+        from dsv4.weights.checkpoint import find_tokenizer
 
-        try:
-            model = dsv4.load(args.checkpoint, dtype=dtype, device=device)
-            tok_path = find_tokenizer(args.checkpoint)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
+        model = dsv4.load(args.checkpoint, dtype=dtype, device=device)
+        tok_path = find_tokenizer(args.checkpoint)
         tokenizer = Tokenizer.from_file(tok_path) if tok_path else None
         label = args.checkpoint
     else:
