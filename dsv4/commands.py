@@ -1,5 +1,6 @@
-"""What the command modules share: `CommandError`, argument types and groups, number
-formatting, and loading a model (and its tokenizer) for the inference commands.
+"""What the command modules share: `CommandError`, `CommandParser` (options added when a
+command runs), argument types and groups, number formatting, and loading a model (and its
+tokenizer) for the inference commands.
 
 `dsv4 <command>` itself is dsv4.cli, which only dispatches; each stage's commands are in its
 package's cli.py (dsv4.weights.cli: info, convert; dsv4.pretrain.cli: train; dsv4.inference.cli:
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 from dsv4.errors import Error
 from dsv4.model.config import PRESETS, ModelConfig
-from dsv4.options import positive_float, positive_int  # noqa: F401  (the commands' types)
+from dsv4.options import positive_int  # noqa: F401  (re-exported: the commands' type)
 
 
 class CommandError(Error):
@@ -29,13 +30,17 @@ class CommandParser(argparse.ArgumentParser):
     dataclass import its module, and with it torch; deferred, `dsv4 --help` and `dsv4 info`
     stay instant."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
     def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
-        self._deferred = [*getattr(self, "_deferred", []), add]
+        self._deferred.append(add)
 
     def _add_deferred(self) -> None:
-        for add in getattr(self, "_deferred", []):
+        deferred, self._deferred = self._deferred, []
+        for add in deferred:
             add(self)
-        self._deferred = []
 
     def parse_known_args(self, args=None, namespace=None):
         self._add_deferred()
