@@ -1,8 +1,9 @@
 """dsv4: DeepSeek-V4, end to end, in readable PyTorch."""
 
+from dsv4.errors import Error
 from dsv4.model.config import ModelConfig
 
-__all__ = ["ModelConfig", "Transformer", "load", "save"]
+__all__ = ["Error", "ModelConfig", "Transformer", "load", "save"]
 __version__ = "0.1.0"
 
 

@@ -7,7 +7,8 @@ argument types, loading a model) is dsv4.commands; nothing imports this module b
 import heavy modules (torch, the network) inside `cmd_<name>`, so `dsv4 info` and
 `dsv4 --help` stay instant.
 
-Bad input (unknown preset, unreadable config) ends in one line on stderr and exit code 2.
+Bad input (unknown preset, unreadable config: any dsv4.Error) ends in one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dsv4.commands import CommandError
+from dsv4.commands import CommandParser
+from dsv4.errors import Error
 from dsv4.evaluate import cli as evaluate_cli
 from dsv4.inference import cli as inference_cli
-from dsv4.model.config import ConfigError
 from dsv4.posttrain import cli as posttrain_cli
 from dsv4.pretrain import cli as pretrain_cli
 from dsv4.server import cli as server_cli
@@ -38,7 +39,8 @@ COMMANDS: list[Callable[[Any], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv4", description="DeepSeek-V4, end to end, in readable PyTorch.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=CommandParser)
     for add in COMMANDS:
         add(subparsers)
     return parser
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, CommandError) as err:
+    except Error as err:  # the user's to fix, and the message says how: no traceback
         print(f"dsv4 {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the user knows why; no traceback

@@ -1,5 +1,6 @@
-"""What the command modules share: `CommandError`, argument types and groups, number
-formatting, and loading a model (and its tokenizer) for the inference commands.
+"""What the command modules share: `CommandError`, `CommandParser` (options added when a
+command runs), argument types and groups, number formatting, and loading a model (and its
+tokenizer) for the inference commands.
 
 `dsv4 <command>` itself is dsv4.cli, which only dispatches; each stage's commands are in its
 package's cli.py (dsv4.weights.cli: info, convert; dsv4.pretrain.cli: train; dsv4.inference.cli:
@@ -12,12 +13,42 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
+from dsv4.errors import Error
 from dsv4.model.config import PRESETS, ModelConfig
+from dsv4.options import positive_int  # noqa: F401  (re-exported: the commands' type)
 
 
-class CommandError(Exception):
+class CommandError(Error):
     """A user error a command reports in one line (exit code 2), never as a traceback."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose options may be added late: `defer(add)` runs `add(self)` the
+    first time the command is parsed (or its help printed). Options derived from a config
+    dataclass import its module, and with it torch; deferred, `dsv4 --help` and `dsv4 info`
+    stay instant."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._deferred.append(add)
+
+    def _add_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for add in deferred:
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_deferred()
+        return super().format_help()
 
 
 # ---- shared argument helpers ------------------------------------------------------------
@@ -36,16 +67,6 @@ def load_model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
     if args.preset is not None:
         return ModelConfig.from_preset(args.preset), args.preset
     return ModelConfig.from_file(args.config), args.config
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def add_compile_argument(group) -> None:
@@ -134,13 +155,10 @@ def load_inference_model(args: argparse.Namespace):
                            "and --random")
     if args.checkpoint:
         import dsv4
-        from dsv4.weights.checkpoint import CheckpointError, find_tokenizer
+        from dsv4.weights.checkpoint import find_tokenizer
 
-        try:
-            model = dsv4.load(args.checkpoint, dtype=dtype, device=device)
-            tok_path = find_tokenizer(args.checkpoint)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
+        model = dsv4.load(args.checkpoint, dtype=dtype, device=device)
+        tok_path = find_tokenizer(args.checkpoint)
         tokenizer = Tokenizer.from_file(tok_path) if tok_path else None
         label = args.checkpoint
     else:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.cli import build_parser, main
+from dsv4.cli import main
 from dsv4.model.network import Attention, Routing
 from dsv4.pretrain.train import (
     ExpertLoad,
@@ -128,17 +128,6 @@ def test_learned_routing_lines_up_with_the_balanced_layers() -> None:
     assert len(routing) == len(load.layers)
     for expert, (indices, _) in enumerate(routing):
         assert bool((indices == expert).any(dim=-1).all())
-
-
-def test_help_quotes_the_real_defaults() -> None:
-    parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    helps = {opt: action.help for action in parser._actions for opt in action.option_strings}
-    d = TrainConfig()
-    for option, value in (("--steps", d.steps), ("--batch-size", d.batch_size),
-                          ("--seq-len", d.seq_len), ("--lr", d.lr), ("--samples", d.samples),
-                          ("--eval-every", d.eval_every), ("--save-every", d.save_every),
-                          ("--dense-fraction", d.dense_fraction), ("--optimizer", d.optimizer)):
-        assert f"(default {value}" in " ".join(helps[option].split()), option
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dsv4.errors import Error
+
 # "none" or a reasoning effort of think mode (dsv4.text.chat.REASONING_EFFORTS).
 THINK_MODES = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
-class EvalError(ValueError):
+class EvalError(Error, ValueError):
     """A user-facing problem with an evaluation (bad file, missing capability); one line."""
 
 

@@ -167,12 +167,9 @@ def _backend(args: argparse.Namespace):
             raise CommandError("--endpoint needs --model NAME (the server's model id)")
         tokenizer = None
         if args.tokenizer:
-            from dsv4.text.tokenizer import Tokenizer, TokenizerError
+            from dsv4.text.tokenizer import Tokenizer
 
-            try:
-                tokenizer = Tokenizer.from_file(args.tokenizer)
-            except TokenizerError as err:
-                raise CommandError(str(err)) from None
+            tokenizer = Tokenizer.from_file(args.tokenizer)
         return EndpointBackend(args.endpoint, args.model, concurrency=args.concurrency,
                                retries=args.retries, timeout=args.timeout,
                                api_key=args.api_key, tokenizer=tokenizer), _slug(args.model)
@@ -197,10 +194,8 @@ def _backend(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dsv4.evaluate.backends import EvalError
     from dsv4.evaluate.report import format_table
     from dsv4.evaluate.run import evaluate
-    from dsv4.evaluate.store import StoreError
 
     out = None
     try:
@@ -209,8 +204,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("eval") / name / args.suite)
         results = evaluate(backend, args.suite, out, options,
                            progress=not args.no_progress and sys.stderr.isatty())
-    except (EvalError, StoreError) as err:
-        raise CommandError(str(err)) from None
     except KeyboardInterrupt:
         where = f" in {out / 'items.jsonl'}" if out else ""
         print(f"\ndsv4 eval: interrupted; finished items are kept{where} (run the same command "

@@ -23,13 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dsv4.errors import Error
 from dsv4.files import append_line, write_json_atomic
 
 ITEMS_NAME = "items.jsonl"
 SETTINGS_NAME = "settings.json"
 
 
-class StoreError(ValueError):
+class StoreError(Error, ValueError):
     """The out directory cannot be used for this run (other settings, unreadable items)."""
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.errors import Error
 from dsv4.model.config import ModelConfig
 from dsv4.model.kernels import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 from dsv4.model.network import (
@@ -49,7 +50,7 @@ DEFAULT_SLACK = 64  # how many tokens a sequence can be truncated back (speculat
 FP8_BLOCK = 64  # one UE8M0 scale byte per 64 FP8 values, as the production layout (§9.2)
 
 
-class CacheError(ValueError):
+class CacheError(Error, ValueError):
     """A request the cache cannot serve (capacity exceeded, truncation too far back)."""
 
 

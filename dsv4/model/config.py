@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsv4.errors import Error
 from dsv4.files import write_json_atomic
 
 # compress ratio -> attention kind (spec architecture.md §2)
@@ -27,7 +28,7 @@ HF_LAYER_TYPES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """An invalid model configuration; the message names the offending field.
 
     `field` is the ModelConfig field at fault (None when the fault is in a file's own keys);

@@ -1,9 +1,10 @@
 """Command-line entry points of this package (registered by dsv4.cli.build_parser):
 `dsv4 sft`, `dsv4 grpo`, `dsv4 distill` and the whole recipe, `dsv4 posttrain`.
 
-Defaults live in the stage config dataclasses (SFTConfig, GRPOConfig, DistillConfig,
-PosttrainConfig); options left out keep them. torch is imported inside the commands only, so
-`dsv4 --help` stays instant.
+The options that set a stage config dataclass (SFTConfig, GRPOConfig, DistillConfig,
+PosttrainConfig) are made from its fields (dsv4.options), with their defaults and help; options
+left out keep them. Those modules import torch, so a command adds them only when it is parsed
+(CommandParser.defer): `dsv4 --help` stays instant.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4.commands import CommandError, add_chat_encoding_argument, positive_int
+from dsv4.options import add_dataclass_options, dataclass_from_args
 
 DOMAIN_MODULE_HELP = ("a Python file defining dsv4.tasks.Domain objects (e.g. "
                       "FunctionDomain('mine', generate, check)); each is registered under its "
@@ -29,29 +31,21 @@ def add_commands(subparsers: Any) -> None:
 
 
 # ---- shared options --------------------------------------------------------------------------
+# Each stage command exposes these fields of its config dataclass (SFTConfig, GRPOConfig,
+# DistillConfig), besides its own; their defaults and help are the fields' own.
+SFT_FIELDS = ("steps", "lr", "batch_size", "seq_len", "optimizer", "thinking", "bf16",
+              "seed", "progress")
+GRPO_FIELDS = ("steps", "lr", "group_size", "prompts_per_step", "temperature", "top_k",
+               "top_p", "clip_eps", "kl_beta", "max_tokens", "seed", "progress")
+DISTILL_FIELDS = ("steps", "lr", "prompts_per_domain", "temperature", "seed", "progress")
+SFT_RENAME = {"thinking": "--think", "bf16": "--fp32"}
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain-module", metavar="FILE", action="append", default=[],
                         help=DOMAIN_MODULE_HELP)
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU threads for torch (default: every core this process may use)")
-    parser.add_argument("--seed", type=int, help="sampling and data order (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _stage_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    parser.add_argument(f"--{prefix}steps", type=positive_int, metavar="N",
-                        help="optimizer steps")
-    parser.add_argument(f"--{prefix}lr", type=float, metavar="LR", help="peak learning rate")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
 
 
 def _load_domain_modules(paths: list[str]) -> None:
@@ -73,12 +67,6 @@ def _domain(name: str):
         raise CommandError(str(err)) from None
 
 
-def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
-    """{config field: value} for the options the user gave (mapping: field -> args attr)."""
-    return {field: getattr(args, attr) for field, attr in mapping.items()
-            if getattr(args, attr, None) is not None}
-
-
 def _prepare(args: argparse.Namespace) -> None:
     from dsv4.posttrain.common import set_threads
 
@@ -87,12 +75,10 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _load(path: str):
-    from dsv4.posttrain.common import PosttrainError, load_model_and_tokenizer
+    """(model, tokenizer) of a run directory or checkpoint folder (imports torch)."""
+    from dsv4.posttrain.common import load_model_and_tokenizer
 
-    try:
-        return load_model_and_tokenizer(path)
-    except PosttrainError as err:
-        raise CommandError(str(err)) from None
+    return load_model_and_tokenizer(path)
 
 
 def _check_out(out: str) -> Path:
@@ -136,24 +122,20 @@ def _add_sft(subparsers: Any) -> None:
                         help="also train on these domains' procedural problems")
     parser.add_argument("--problems", type=positive_int, metavar="N", default=2000,
                         help="problems per --domains domain (default 2000)")
-    _stage_options(parser)
-    parser.add_argument("--batch-size", type=positive_int, metavar="N",
-                        help="conversations per step (default 32)")
-    parser.add_argument("--seq-len", type=positive_int, metavar="N",
-                        help="packed row length in tokens (default 256)")
-    parser.add_argument("--optimizer", choices=("muon", "adamw"), help="default muon")
-    parser.add_argument("--think", action="store_true",
-                        help="encode the --data conversations in think mode "
-                             "(<think>reasoning</think>answer; reasoning_content of assistant "
-                             "messages is trained); --domains use their own mode (expr: think)")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     add_chat_encoding_argument(parser)
     _common(parser)
+    parser.defer(_add_sft_config_options)
     parser.set_defaults(run=cmd_sft)
 
 
+def _add_sft_config_options(parser: argparse.ArgumentParser) -> None:
+    from dsv4.posttrain.sft import SFTConfig
+
+    add_dataclass_options(parser, SFTConfig(), SFT_FIELDS, rename=SFT_RENAME)
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
-    from dsv4.posttrain.common import PosttrainError, save_stage
+    from dsv4.posttrain.common import save_stage
     from dsv4.posttrain.sft import SFTConfig, domain_chats, load_chat_jsonl, run_sft
 
     _prepare(args)
@@ -161,22 +143,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
         raise CommandError("give training data: --data FILE.jsonl and/or --domains NAME ...")
     out = _check_out(args.out)
     domains = [_domain(name) for name in args.domains]
-    try:
-        chats = [chat for path in args.data for chat in load_chat_jsonl(path)]
-    except PosttrainError as err:
-        raise CommandError(str(err)) from None
-    generated, generated_thinking = domain_chats(domains, args.problems, args.seed or 0)
-    thinking = [args.think] * len(chats) + generated_thinking
+    cfg = dataclass_from_args(SFTConfig(), args, (*SFT_FIELDS, "chat_encoding"),
+                              rename=SFT_RENAME)
+    chats = [chat for path in args.data for chat in load_chat_jsonl(path)]
+    generated, generated_thinking = domain_chats(domains, args.problems, cfg.seed)
+    thinking = [cfg.thinking] * len(chats) + generated_thinking
     chats += generated
-    cfg = SFTConfig(**_given(args, dict(steps="steps", lr="lr", batch_size="batch_size",
-                                        seq_len="seq_len", optimizer="optimizer", seed="seed")),
-                    thinking=args.think, chat_encoding=args.chat_encoding, bf16=not args.fp32,
-                    progress=not args.no_progress)
     model, tokenizer = _load(args.source)
-    try:
-        summary = run_sft(model, tokenizer, chats, cfg, out=out, thinking=thinking)
-    except PosttrainError as err:
-        raise CommandError(str(err)) from None
+    summary = run_sft(model, tokenizer, chats, cfg, out=out, thinking=thinking)
     save_stage(model, out, tokenizer, cfg.steps, dict(stage="sft", source=args.source,
                                                       **summary, config=dataclasses.asdict(cfg)))
     print(f"sft: {summary['examples']} conversations, final loss {summary['final_loss']:.3f}; "
@@ -204,44 +178,35 @@ def _add_grpo(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="new run directory")
     parser.add_argument("--ref", metavar="RUN",
                         help="the KL reference model (default: the --from model)")
-    _stage_options(parser)
-    parser.add_argument("--group-size", type=positive_int, metavar="G",
-                        help="samples per prompt (default 8)")
-    parser.add_argument("--prompts-per-step", type=positive_int, metavar="Q",
-                        help="prompts per step (default 128)")
-    parser.add_argument("--temperature", type=_positive_float, help="rollout temperature "
-                        "(default 0.7)")
-    parser.add_argument("--top-k", type=int, help="rollout top-k, 0 = off (default 0)")
-    parser.add_argument("--top-p", type=_positive_float, help="rollout top-p (default 1.0)")
-    parser.add_argument("--clip-eps", type=_positive_float, help="ratio clip ε (default 0.2)")
-    parser.add_argument("--kl-beta", type=float, help="KL weight β (default 0.01)")
-    parser.add_argument("--max-tokens", type=positive_int, help="tokens per sample (default 24)")
     parser.add_argument("--eval-size", type=int, default=200, metavar="N",
                         help="held-out problems for the before/after accuracy, 0 = skip "
                              "(default 200)")
     _common(parser)
+    parser.defer(_add_grpo_config_options)
     parser.set_defaults(run=cmd_grpo)
 
 
+def _add_grpo_config_options(parser: argparse.ArgumentParser) -> None:
+    from dsv4.posttrain.grpo import GRPOConfig
+
+    add_dataclass_options(parser, GRPOConfig(), GRPO_FIELDS)
+
+
 def cmd_grpo(args: argparse.Namespace) -> int:
-    from dsv4.posttrain.common import PosttrainError, save_stage
+    from dsv4.posttrain.common import save_stage
     from dsv4.posttrain.grpo import GRPOConfig, run_grpo
 
     _prepare(args)
     domain = _domain(args.domain)
     out = _check_out(args.out)
-    cfg = GRPOConfig(**_given(args, dict(
-        steps="steps", lr="lr", group_size="group_size", prompts_per_step="prompts_per_step",
-        temperature="temperature", top_k="top_k", top_p="top_p", clip_eps="clip_eps",
-        kl_beta="kl_beta", max_tokens="max_tokens", seed="seed")),
-        progress=not args.no_progress)
+    cfg = dataclass_from_args(GRPOConfig(), args, GRPO_FIELDS)
     model, tokenizer = _load(args.source)
     reference, _ = _load(args.ref or args.source)
     if args.eval_size:
         _report_accuracy(model, tokenizer, [domain], args.eval_size, "before")
     try:
         summary = run_grpo(model, reference, tokenizer, domain, cfg, out=out)
-    except (PosttrainError, ValueError) as err:
+    except ValueError as err:  # not all are dsv4.Error yet (e.g. the engine's checks)
         raise CommandError(str(err)) from None
     save_stage(model, out, tokenizer, cfg.steps, dict(stage="grpo", source=args.source,
                                                       domain=domain.name, **summary,
@@ -274,20 +239,22 @@ def _add_distill(subparsers: Any) -> None:
                         metavar="DOMAIN=RUN", help="a teacher and the domain whose prompts it "
                         "teaches on; repeat for each domain")
     parser.add_argument("--out", required=True, metavar="DIR", help="new run directory")
-    _stage_options(parser)
-    parser.add_argument("--prompts-per-domain", type=positive_int, metavar="N",
-                        help="student samples per domain per step (default 24)")
-    parser.add_argument("--temperature", type=_positive_float,
-                        help="student sampling temperature (default 1.0)")
     parser.add_argument("--eval-size", type=int, default=200, metavar="N",
                         help="held-out problems per domain for the final accuracy, 0 = skip "
                              "(default 200)")
     _common(parser)
+    parser.defer(_add_distill_config_options)
     parser.set_defaults(run=cmd_distill)
 
 
+def _add_distill_config_options(parser: argparse.ArgumentParser) -> None:
+    from dsv4.posttrain.distill import DistillConfig
+
+    add_dataclass_options(parser, DistillConfig(), DISTILL_FIELDS)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
-    from dsv4.posttrain.common import PosttrainError, save_stage
+    from dsv4.posttrain.common import save_stage
     from dsv4.posttrain.distill import DistillConfig, run_distill
 
     _prepare(args)
@@ -296,16 +263,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise CommandError("--teacher: one teacher per domain (a domain was given twice)")
     domains = {name: _domain(name) for name in teachers_given}
     out = _check_out(args.out)
-    cfg = DistillConfig(**_given(args, dict(steps="steps", lr="lr", seed="seed",
-                                            prompts_per_domain="prompts_per_domain",
-                                            temperature="temperature")),
-                        progress=not args.no_progress)
+    cfg = dataclass_from_args(DistillConfig(), args, DISTILL_FIELDS)
     student, tokenizer = _load(args.student)
     teachers = {name: _load(path)[0] for name, path in teachers_given.items()}
-    try:
-        summary = run_distill(student, teachers, tokenizer, domains, cfg, out=out)
-    except PosttrainError as err:
-        raise CommandError(str(err)) from None
+    summary = run_distill(student, teachers, tokenizer, domains, cfg, out=out)
     save_stage(student, out, tokenizer, cfg.steps,
                dict(stage="distill", source=args.student, teachers=teachers_given, **summary,
                     config=dataclasses.asdict(cfg)))
@@ -332,72 +293,62 @@ def _add_posttrain(subparsers: Any) -> None:
                     "at the default 100). From a nano run the default schedule took 42 "
                     "minutes on 2 shared, busy CPU cores (--threads 1; use it when other work "
                     "runs on the machine).")
-    parser.add_argument("--from", dest="source", metavar="RUN",
-                        help="pretrained run or checkpoint (default: pretrain a fresh nano)")
-    parser.add_argument("--out", default="runs/posttrain", metavar="DIR",
-                        help="output directory (default runs/posttrain)")
-    parser.add_argument("--domains", nargs="+", metavar="NAME",
-                        help="domains to post-train (default: sum sort expr and any from "
-                             "--domain-module)")
-    parser.add_argument("--pretrain-steps", type=positive_int, metavar="N",
-                        help="steps of the fresh nano pretraining without --from (default 100)")
-    parser.add_argument("--sft-steps", type=positive_int, metavar="N",
-                        help="base SFT steps (default 200)")
-    parser.add_argument("--specialist-sft-steps", type=positive_int, metavar="N",
-                        help="per-domain SFT steps (default 60)")
-    parser.add_argument("--grpo-steps", type=positive_int, metavar="N",
-                        help="GRPO steps per specialist (default 30)")
-    parser.add_argument("--distill-steps", type=positive_int, metavar="N",
-                        help="distillation steps (default 250)")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N",
-                        help="SFT conversations per step (default 32)")
-    parser.add_argument("--group-size", type=positive_int, metavar="G",
-                        help="GRPO samples per prompt (default 8)")
-    parser.add_argument("--prompts-per-step", type=positive_int, metavar="Q",
-                        help="GRPO prompts per step (default 128)")
-    parser.add_argument("--prompts-per-domain", type=positive_int, metavar="N",
-                        help="distillation samples per domain per step (default 24)")
-    parser.add_argument("--sft-problems", type=positive_int, metavar="N",
-                        help="SFT training problems per domain (default 2000)")
-    parser.add_argument("--eval-size", type=positive_int, metavar="N",
-                        help="held-out problems per domain (default 1000)")
     _common(parser)
+    parser.defer(_add_posttrain_config_options)
     parser.set_defaults(run=cmd_posttrain)
 
 
-def posttrain_config(args: argparse.Namespace):
+# The PosttrainConfig fields `dsv4 posttrain` exposes, and per nested stage config the fields it
+# exposes under other names (one --batch-size sets both SFT stages).
+POSTTRAIN_FIELDS = ("from_run", "out", "domains", "pretrain_steps", "sft_problems", "eval_size",
+                    "seed", "progress")
+POSTTRAIN_RENAME = {"from_run": "--from"}
+STAGE_OPTIONS = {
+    "base_sft": ({"steps": "--sft-steps", "batch_size": "--batch-size"},
+                 {"steps": "base SFT steps", "batch_size": "SFT conversations per step"}),
+    "specialist_sft": ({"steps": "--specialist-sft-steps"}, {"steps": "per-domain SFT steps"}),
+    "grpo": ({"steps": "--grpo-steps", "group_size": "--group-size",
+              "prompts_per_step": "--prompts-per-step"},
+             {"steps": "GRPO steps per specialist", "group_size": "GRPO samples per prompt",
+              "prompts_per_step": "GRPO prompts per step"}),
+    "distill": ({"steps": "--distill-steps", "prompts_per_domain": "--prompts-per-domain"},
+                {"steps": "distillation steps",
+                 "prompts_per_domain": "distillation samples per domain per step"}),
+}
+SHARED_STAGE_OPTIONS = {"specialist_sft": {"batch_size": "--batch-size"}}  # read, not added
+
+
+def _add_posttrain_config_options(parser: argparse.ArgumentParser) -> None:
     from dsv4.posttrain.pipeline import PosttrainConfig
 
-    cfg = PosttrainConfig(out=args.out, from_run=args.source, domains=args.domains,
-                          threads=args.threads, progress=not args.no_progress,
-                          **_given(args, dict(seed="seed", pretrain_steps="pretrain_steps",
-                                              sft_problems="sft_problems",
-                                              eval_size="eval_size")))
-    replace = dataclasses.replace
-    batch = _given(args, dict(batch_size="batch_size"))
-    cfg.base_sft = replace(cfg.base_sft, **batch, **_given(args, dict(steps="sft_steps")))
-    cfg.specialist_sft = replace(cfg.specialist_sft, **batch,
-                                 **_given(args, dict(steps="specialist_sft_steps")))
-    cfg.grpo = replace(cfg.grpo, **_given(args, dict(steps="grpo_steps",
-                                                     group_size="group_size",
-                                                     prompts_per_step="prompts_per_step")))
-    cfg.distill = replace(cfg.distill, **_given(args, dict(
-        steps="distill_steps", prompts_per_domain="prompts_per_domain")))
+    defaults = PosttrainConfig()
+    add_dataclass_options(parser, defaults, POSTTRAIN_FIELDS, rename=POSTTRAIN_RENAME)
+    for stage, (rename, helps) in STAGE_OPTIONS.items():
+        add_dataclass_options(parser, getattr(defaults, stage), rename, rename=rename,
+                              helps=helps)
+
+
+def posttrain_config(args: argparse.Namespace):
+    """The PosttrainConfig of `dsv4 posttrain ...`: the options given, the defaults for the
+    rest (the nested stage configs' own, e.g. 200 base SFT steps)."""
+    from dsv4.posttrain.pipeline import PosttrainConfig
+
+    cfg = dataclass_from_args(PosttrainConfig(), args, (*POSTTRAIN_FIELDS, "threads"),
+                              rename=POSTTRAIN_RENAME)  # --threads: shared with the stages
+    for stage, (rename, _) in STAGE_OPTIONS.items():
+        rename = {**rename, **SHARED_STAGE_OPTIONS.get(stage, {})}
+        setattr(cfg, stage, dataclass_from_args(getattr(cfg, stage), args, rename, rename=rename))
     return cfg
 
 
 def cmd_posttrain(args: argparse.Namespace) -> int:
-    from dsv4.posttrain.common import PosttrainError
     from dsv4.posttrain.pipeline import run_posttrain
-    from dsv4.pretrain.train import TrainingError
 
     _prepare(args)
-    for name in args.domains or []:
+    cfg = posttrain_config(args)
+    for name in cfg.domains or []:
         _domain(name)
-    if args.source is not None:
-        _load(args.source)  # fail fast on a bad --from, before any work
-    try:
-        run_posttrain(posttrain_config(args))
-    except (PosttrainError, TrainingError) as err:
-        raise CommandError(str(err)) from None
+    if cfg.from_run is not None:
+        _load(cfg.from_run)  # fail fast on a bad --from, before any work
+    run_posttrain(cfg)
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dsv4.errors import Error
 from dsv4.files import write_json_atomic
 from dsv4.model.network import Transformer
 from dsv4.tasks import (
@@ -28,7 +29,7 @@ METRICS_NAME = "metrics.jsonl"
 STAGE_NAME = "posttrain_stage.json"  # written into a stage's run dir when the stage completes
 
 
-class PosttrainError(ValueError):
+class PosttrainError(Error, ValueError):
     """Bad input or a run that cannot start; the message names the offending value."""
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from dsv4.options import option
 from dsv4.posttrain.common import (
     MetricsLog,
     PosttrainError,
@@ -61,25 +62,27 @@ from dsv4.posttrain.common import (
 
 @dataclass
 class GRPOConfig:
-    steps: int = 30
-    prompts_per_step: int = 128  # Q
-    group_size: int = 8  # G samples per prompt
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    max_tokens: int = 24  # expr's longest reasoning + answer + EOS; longer samples are cut
-    # (unrewarded): every decode step of a batch waits for its longest sample
-    clip_eps: float = 0.2  # ε
-    kl_beta: float = 0.01  # β
-    offpolicy_delta: float = 0.5  # δ of the off-policy sequence mask
-    lr: float = 3e-5
-    optimizer: str = "adamw"
-    adam_eps: float = 1e-8
-    warmup_steps: int = 2
-    minibatches: int = 2  # updates per rollout batch (each on a slice of the samples)
-    clip: float = 1.0  # gradient-norm clipping
-    seed: int = 0
-    progress: bool = True
+    # The help texts are also the commands' --help (dsv4.options).
+    steps: int = option(30, "optimizer steps", positive=True, metavar="N")
+    prompts_per_step: int = option(128, "prompts per step (Q)", positive=True, metavar="Q")
+    group_size: int = option(8, "samples per prompt (G)", positive=True, metavar="G")
+    temperature: float = option(0.7, "rollout temperature", positive=True)
+    top_k: int = option(0, "rollout top-k, 0 = off")
+    top_p: float = option(1.0, "rollout top-p", positive=True)
+    # expr's longest reasoning + answer + EOS; longer samples are cut (unrewarded): every
+    # decode step of a batch waits for its longest sample
+    max_tokens: int = option(24, "tokens per sample", positive=True)
+    clip_eps: float = option(0.2, "ratio clip ε", positive=True)
+    kl_beta: float = option(0.01, "KL weight β")
+    offpolicy_delta: float = option(0.5, "δ of the off-policy sequence mask")
+    lr: float = option(3e-5, "peak learning rate", metavar="LR")
+    optimizer: str = option("adamw", "muon or adamw", choices=("muon", "adamw"))
+    adam_eps: float = option(1e-8, "AdamW's ε")
+    warmup_steps: int = option(2, "linear LR warm-up steps")
+    minibatches: int = option(2, "updates per rollout batch (each on a slice of the samples)")
+    clip: float = option(1.0, "gradient-norm clipping")
+    seed: int = option(0, "sampling and data order")
+    progress: bool = option(True, "no progress bars")
 
     def check(self) -> None:
         for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "minibatches"):

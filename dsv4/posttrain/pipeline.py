@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4.files import atomic_write, write_json_atomic
+from dsv4.options import option
 from dsv4.posttrain.common import (
     PosttrainError,
     load_model_and_tokenizer,
@@ -49,20 +50,27 @@ STUDENT_TARGET = 0.9  # the student should keep >= 90% of each specialist's accu
 
 @dataclass
 class PosttrainConfig:
-    out: str = "runs/posttrain"
-    from_run: str | None = None  # a pretrained run / checkpoint; None: pretrain a fresh nano
-    domains: list[str] | None = None  # None: every registered domain
-    pretrain_steps: int = 100  # fresh nano only (~6 min on 2 cores)
-    sft_problems: int = 2000  # training problems per domain for SFT
+    # The help texts are also `dsv4 posttrain --help` (dsv4.options).
+    out: str = option("runs/posttrain", "output directory", metavar="DIR")
+    from_run: str | None = option(None, "pretrained run or checkpoint", metavar="RUN",
+                                  default_text="pretrain a fresh nano")
+    domains: list[str] | None = option(None, "domains to post-train", metavar="NAME",
+                                       default_text="sum sort expr and any from "
+                                                    "--domain-module")
+    pretrain_steps: int = option(100, "steps of the fresh nano pretraining without --from "
+                                 "(~6 min on 2 cores)", positive=True, metavar="N")
+    sft_problems: int = option(2000, "SFT training problems per domain", positive=True,
+                               metavar="N")
     base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=200))
     specialist_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=60, lr=5e-4))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    eval_size: int = 1000
-    eval_max_tokens: int = 24
-    threads: int | None = None
-    seed: int = 0
-    progress: bool = True
+    eval_size: int = option(1000, "held-out problems per domain", positive=True, metavar="N")
+    eval_max_tokens: int = option(24, "tokens per held-out answer")
+    threads: int | None = option(None, "CPU threads for torch", positive=True, metavar="N",
+                                 default_text="every core this process may use")
+    seed: int = option(0, "sampling and data order")
+    progress: bool = option(True, "no progress bars")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dsv4.options import option
 from dsv4.posttrain.common import (
     MetricsLog,
     PosttrainError,
@@ -37,18 +38,23 @@ IGNORE_INDEX = -100
 
 @dataclass
 class SFTConfig:
-    steps: int = 150
-    batch_size: int = 32  # conversations per optimizer step
-    seq_len: int = 256  # packed row length (a multiple of the largest compression ratio)
-    lr: float = 1e-3
-    optimizer: str = "muon"  # Muon for matrices + AdamW for the rest, as in pretraining
-    warmup_steps: int = 10
-    clip: float = 1.0
-    thinking: bool = False  # encode in think mode (assistant reasoning_content kept)
-    chat_encoding: str = "v4"  # dsv4.text.chat.ENCODINGS: v4 (official) or v4-preview
-    bf16: bool = True  # bf16 autocast (the CPU's bf16 matmuls are ~4x fp32)
-    seed: int = 0
-    progress: bool = True
+    # The help texts are also the commands' --help (dsv4.options).
+    steps: int = option(150, "optimizer steps", positive=True, metavar="N")
+    batch_size: int = option(32, "conversations per step", positive=True, metavar="N")
+    # seq_len: a multiple of the largest compression ratio
+    seq_len: int = option(256, "packed row length in tokens", positive=True, metavar="N")
+    lr: float = option(1e-3, "peak learning rate", metavar="LR")
+    optimizer: str = option("muon", "Muon for matrices + AdamW for the rest, as in "
+                            "pretraining; or AdamW for everything", choices=("muon", "adamw"))
+    warmup_steps: int = option(10, "linear LR warm-up steps")
+    clip: float = option(1.0, "gradient-norm clipping")
+    thinking: bool = option(False, "encode the --data conversations in think mode "
+                            "(<think>reasoning</think>answer; reasoning_content of assistant "
+                            "messages is trained); --domains use their own mode (expr: think)")
+    chat_encoding: str = option("v4", "dsv4.text.chat.ENCODINGS: v4 (official) or v4-preview")
+    bf16: bool = option(True, "no bf16 autocast")  # the CPU's bf16 matmuls are ~4x fp32
+    seed: int = option(0, "sampling and data order")
+    progress: bool = option(True, "no progress bars")
 
 
 # ---------------------------------------------------------------------------------------------

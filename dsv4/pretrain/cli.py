@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from dsv4.commands import CommandError, positive_int
-from dsv4.model.config import PRESETS
+from dsv4.commands import CommandError
+from dsv4.options import add_dataclass_options, dataclass_from_args
 
 
 def add_commands(subparsers: Any) -> None:
@@ -16,10 +16,15 @@ def add_commands(subparsers: Any) -> None:
 
 
 # ---- train -------------------------------------------------------------------------------
+# The TrainConfig fields `dsv4 train` exposes; their defaults and help are the fields' own.
+MODEL_FIELDS = ("preset", "config_path")
+TRAIN_FIELDS = ("data", "steps", "out", "optimizer", "batch_size", "micro_batch", "seq_len", "lr",
+                "warmup_steps", "dense_fraction", "eval_every", "save_every", "seed", "device",
+                "threads", "cache_dir", "samples", "progress", "expert_parallel")
+RENAME = {"config_path": "--config", "autocast": "--fp32"}
+
+
 def _add_train(subparsers: Any) -> None:
-    # Defaults live in dsv4.pretrain.train.TrainConfig (not imported here: it pulls in torch, and
-    # `dsv4 --help` stays instant); options left out (None) keep them. A test checks the
-    # defaults quoted in the help against TrainConfig.
     parser = subparsers.add_parser(
         "train",
         help="pretrain a V4 model (default: nano on the Python standard library, ~10 min CPU)",
@@ -36,91 +41,43 @@ def _add_train(subparsers: Any) -> None:
                     "(load with dsv4.load(RUN)). Ctrl-C saves and stops; --resume continues.\n"
                     "Several processes: torchrun --nproc_per_node N -m dsv4 train ... (FSDP2).",
     )
-    model = parser.add_mutually_exclusive_group()
-    model.add_argument("--preset", metavar="NAME", default=None,
-                       help=f"model preset: {', '.join(PRESETS)} (default nano)")
-    model.add_argument("--config", metavar="PATH",
-                       help="a model config.json (any dialect) instead of a preset")
-    parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help="text / .jsonl / .json / .parquet files or folders (default: the "
-                             "Python standard library source of this interpreter)")
-    parser.add_argument("--steps", type=positive_int, metavar="N",
-                        help="total optimizer steps of the run (default 200); with "
-                             "--resume, the step to continue to")
-    parser.add_argument("--out", metavar="DIR",
-                        help="run directory (default runs/<preset>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its latest checkpoint (its saved "
-                             "settings are used; --steps may extend it)")
-    parser.add_argument("--optimizer", choices=("muon", "adamw"),
-                        help="muon: Muon for matrices + AdamW for embeddings, head, norms and "
-                             "mHC gates (the paper); adamw: AdamW for everything (default "
-                             "muon)")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N",
-                        help="sequences per optimizer step, all processes together "
-                             "(default 4)")
-    parser.add_argument("--micro-batch", type=positive_int, metavar="N",
-                        help="sequences per forward pass per process; smaller than the batch "
-                             "means gradient accumulation (default: the whole batch)")
-    parser.add_argument("--seq-len", type=positive_int, metavar="N",
-                        help="tokens per sequence, a multiple of 128 (default 1024)")
-    parser.add_argument("--lr", type=float,
-                        help="peak learning rate, shared by Muon and AdamW (default 0.002)")
-    parser.add_argument("--warmup-steps", type=int, metavar="N",
-                        help="linear LR warm-up steps (default 5%% of --steps)")
-    parser.add_argument("--dense-fraction", type=float,
-                        metavar="F",
-                        help="share of the steps in which CSA layers attend every compressed "
-                             "entry while the indexer warms up; sparse top-k afterwards "
-                             "(default 0.5)")
-    parser.add_argument("--eval-every", type=positive_int, metavar="N",
-                        help="validation loss every N steps (default 50)")
-    parser.add_argument("--save-every", type=positive_int, metavar="N",
-                        help="checkpoint every N steps, and at the end (default 100)")
-    parser.add_argument("--seed", type=int,
-                        help="weights, data order and samples (default 0)")
-    parser.add_argument("--device",
-                        help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)")
-    parser.add_argument("--threads", type=positive_int, metavar="N",
-                        help="CPU threads for torch (default: torch's choice, the core count; "
-                             "1 is much faster on a machine busy with other work)")
-    parser.add_argument("--fp32", action="store_true",
-                        help="no bf16 autocast (slower; for exactness checks)")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help="where the corpus tokenizer and token shards are cached "
-                             "(default $DSV4_CACHE or ~/.cache/dsv4)")
-    parser.add_argument("--samples", type=int, metavar="N",
-                        help="samples printed at the end, 0 for none (default 3)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--expert-parallel", action="store_true",
-                        help="under torchrun: split every MoE layer's routed experts over the "
-                             "processes (each keeps n_routed_experts / N, which must divide); "
-                             "tokens are exchanged instead of expert weights, everything else "
-                             "stays FSDP2. A run setting, kept on --resume. One process: no "
-                             "effect")
+    parser.defer(_add_train_config_options)
     parser.set_defaults(run=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dsv4.pretrain.train import TrainConfig, TrainingDiverged, TrainingError, train
+def _add_train_config_options(parser: argparse.ArgumentParser) -> None:
+    from dsv4.pretrain.train import TrainConfig  # imports torch: only when `train` is parsed
 
-    preset = args.preset or (None if args.config else "nano")
-    given = dict(
-        steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch,
-        seq_len=args.seq_len, optimizer=args.optimizer, lr=args.lr,
-        warmup_steps=args.warmup_steps, dense_fraction=args.dense_fraction,
-        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-        device=args.device, threads=args.threads, cache_dir=args.cache_dir,
-        samples=args.samples,
-    )
-    tc = TrainConfig(
-        out=args.out or f"runs/{preset or 'custom'}", preset=preset, config_path=args.config,
-        data=args.data, autocast="fp32" if args.fp32 else "bf16", progress=not args.no_progress,
-        expert_parallel=args.expert_parallel,
-        **{k: v for k, v in given.items() if v is not None},
-    )
-    if args.resume and args.steps is None:
+    defaults = TrainConfig()
+    model = parser.add_mutually_exclusive_group()
+    add_dataclass_options(model, defaults, MODEL_FIELDS, rename=RENAME)
+    add_dataclass_options(parser, defaults, TRAIN_FIELDS, rename=RENAME)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint (its saved "
+                             "settings are used; --steps may extend it)")
+    parser.add_argument("--fp32", action="store_const", const="fp32", default=argparse.SUPPRESS,
+                        help="no bf16 autocast (slower; for exactness checks)")
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of `dsv4 train ...`: the options given, the defaults for the rest."""
+    from dsv4.pretrain.train import TrainConfig
+
+    tc = dataclass_from_args(TrainConfig(), args, (*MODEL_FIELDS, *TRAIN_FIELDS, "autocast"),
+                             rename=RENAME)
+    if tc.config_path is not None:
+        tc.preset = None
+    if "out" not in vars(args):
+        tc.out = f"runs/{tc.preset or 'custom'}"
+    if args.resume and "steps" not in vars(args):
         tc.steps = None  # keep the run's own total
+    return tc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dsv4.pretrain.train import TrainingDiverged, train
+
+    tc = train_config(args)
     try:
         summary = train(tc, resume=args.resume)
     except TrainingDiverged as err:
@@ -130,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"dsv4 train: interrupted; {tc.out}/checkpoints/latest (if any) is intact",
               file=sys.stderr)
         return 130
-    except (TrainingError, ValueError) as err:
+    except ValueError as err:  # not all are dsv4.Error yet (e.g. --expert-parallel's check)
         raise CommandError(str(err)) from None
     except OSError as err:  # a full disk: checkpoints/latest still names a complete one
         from dsv4.files import os_error_message

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dsv4.errors import Error
 from dsv4.files import with_path
 
 log = logging.getLogger("dsv4.data")
@@ -53,7 +54,7 @@ TEXT_SUFFIXES_JSON = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class DataError(ValueError):
+class DataError(Error, ValueError):
     """Unusable corpus input; the message names the file (and line or row)."""
 
 

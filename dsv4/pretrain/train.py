@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dsv4.errors import Error
 from dsv4.files import (
     FolderLock,
     FolderLocked,
@@ -65,8 +66,9 @@ from dsv4.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from dsv4.model.config import ModelConfig
+from dsv4.model.config import PRESETS, ModelConfig
 from dsv4.model.network import MoE, Routing, Signals, Transformer, rebuild_rope_tables
+from dsv4.options import option
 
 IGNORE_INDEX = -100
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -76,7 +78,7 @@ TRAINER_STATE_NAME = "trainer.pt"
 SAMPLE_PROMPTS = ("def ", "import ", "class ")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Error, RuntimeError):
     """A run that cannot start or continue; the message says what to do."""
 
 
@@ -93,44 +95,73 @@ class TrainingDiverged(TrainingError):
 class TrainConfig:
     """Everything a run needs besides the model config. Saved as `train_config.json`."""
 
-    out: str = "runs/nano"
-    preset: str | None = "nano"
-    config_path: str | None = None  # a config.json instead of a preset
-    data: list[str] | None = None  # files / folders; None: the Python standard library
-    steps: int | None = 200  # total optimizer steps of the run (None on resume: keep)
-    batch_size: int = 4  # sequences per optimizer step, all processes together
-    micro_batch: int | None = None  # sequences per forward per process (default: no accum)
-    seq_len: int = 1024
-    optimizer: str = "muon"
-    lr: float = 2e-3  # peak; the paper's 2.7e-4 is for 284B parameters
-    weight_decay: float = 0.1
-    clip: float = 1.0  # gradient-norm clipping (V3 used 1.0)
-    warmup_steps: int | None = None  # default 5% of the steps
-    decay_start_step: int | None = None  # default 70% of the steps
-    decay_end_step: int | None = None  # default: the last step
-    min_lr_ratio: float = 0.1  # cosine decay to 0.1 x peak (spec §2.4)
-    mtp_weight: float = 0.3  # then mtp_weight_decay once the LR decay starts (spec §2.9)
-    mtp_weight_decay: float = 0.1
-    balance_loss_weight: float = 1e-4  # sequence-wise balance loss (spec §2.7)
-    bias_update_speed: float = 1e-3  # loss-free balancing (spec §2.7)
-    indexer_loss_weight: float = 1.0
-    dense_fraction: float = 0.5  # CSA dense warm-up share of the steps (spec §2.5)
-    sparse_start_step: int | None = None  # default dense_fraction x steps
-    val_fraction: float = 0.01
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
-    autocast: str = "bf16"  # "bf16" or "fp32" (no autocast)
-    cache_dir: str | None = None  # tokenizer and token shards; default ~/.cache/dsv4
-    samples: int = 3
-    sample_tokens: int = 48
-    progress: bool = True
-    expert_parallel: bool = False  # routed experts split over the processes (pretrain/parallel.py)
+    # The help texts are also `dsv4 train --help` (dsv4.options); steps left at None are
+    # filled from `steps` by plan().
+    out: str = option("runs/nano", "run directory", metavar="DIR", default_text="runs/<preset>")
+    preset: str | None = option("nano", "model preset: " + ", ".join(PRESETS), metavar="NAME")
+    config_path: str | None = option(None, "a model config.json (any dialect) instead of a preset",
+                                     metavar="PATH", default_text="none")
+    data: list[str] | None = option(
+        None, "text / .jsonl / .json / .parquet files or folders", metavar="PATH",
+        default_text="the Python standard library source of this interpreter")
+    steps: int | None = option(200, "total optimizer steps of the run; with --resume, the step "
+                               "to continue to", positive=True, metavar="N")  # None: the run's
+    batch_size: int = option(4, "sequences per optimizer step, all processes together",
+                             positive=True, metavar="N")
+    micro_batch: int | None = option(
+        None, "sequences per forward pass per process; smaller than the batch means gradient "
+        "accumulation", positive=True, metavar="N", default_text="the whole batch")
+    seq_len: int = option(1024, "tokens per sequence, a multiple of 128", positive=True,
+                          metavar="N")
+    optimizer: str = option("muon", "muon: Muon for matrices + AdamW for embeddings, head, "
+                            "norms and mHC gates (the paper); adamw: AdamW for everything",
+                            choices=("muon", "adamw"))
+    lr: float = option(2e-3, "peak learning rate, shared by Muon and AdamW (the paper's 2.7e-4 "
+                       "is for 284B parameters)")
+    weight_decay: float = option(0.1, "decoupled weight decay")
+    clip: float = option(1.0, "gradient-norm clipping (V3 used 1.0)")
+    warmup_steps: int | None = option(None, "linear LR warm-up steps", metavar="N",
+                                      default_text="5% of --steps")
+    decay_start_step: int | None = option(None, "first step of the cosine LR decay",
+                                          default_text="70% of the steps")
+    decay_end_step: int | None = option(None, "step where the decay reaches min_lr_ratio",
+                                        default_text="the last step")
+    min_lr_ratio: float = option(0.1, "cosine decay to this x peak (spec §2.4)")
+    mtp_weight: float = option(0.3, "MTP loss weight, then mtp_weight_decay once the LR decay "
+                               "starts (spec §2.9)")
+    mtp_weight_decay: float = option(0.1, "MTP loss weight during the LR decay")
+    balance_loss_weight: float = option(1e-4, "sequence-wise balance loss (spec §2.7)")
+    bias_update_speed: float = option(1e-3, "loss-free balancing (spec §2.7)")
+    indexer_loss_weight: float = option(1.0, "Lightning Indexer distillation loss weight")
+    dense_fraction: float = option(  # spec §2.5
+        0.5, "share of the steps in which CSA layers attend every compressed entry while the "
+        "indexer warms up; sparse top-k afterwards", metavar="F")
+    sparse_start_step: int | None = option(None, "first sparse step",
+                                           default_text="dense_fraction x steps")
+    val_fraction: float = option(0.01, "share of the corpus held out for validation")
+    eval_every: int = option(50, "validation loss every N steps", positive=True, metavar="N")
+    eval_batches: int = option(4, "batches per validation")
+    save_every: int = option(100, "checkpoint every N steps, and at the end", positive=True,
+                             metavar="N")
+    keep_checkpoints: int = option(2, "checkpoints kept in the run directory")
+    log_every: int = option(1, "metrics line every N steps")
+    seed: int = option(0, "weights, data order and samples")
+    device: str = option("auto", "auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    threads: int | None = option(
+        None, "CPU threads for torch (1 is much faster on a machine busy with other work)",
+        positive=True, metavar="N", default_text="torch's choice, the core count")
+    autocast: str = option("bf16", '"bf16" or "fp32" (no autocast)')
+    cache_dir: str | None = option(None, "where the corpus tokenizer and token shards are "
+                                   "cached", metavar="DIR",
+                                   default_text="$DSV4_CACHE or ~/.cache/dsv4")
+    samples: int = option(3, "samples printed at the end, 0 for none", metavar="N")
+    sample_tokens: int = option(48, "tokens per sample")
+    progress: bool = option(True, "no progress bars")
+    expert_parallel: bool = option(  # pretrain/parallel.py
+        False, "under torchrun: split every MoE layer's routed experts over the processes "
+        "(each keeps n_routed_experts / N, which must divide); tokens are exchanged instead of "
+        "expert weights, everything else stays FSDP2. A run setting, kept on --resume. One "
+        "process: no effect")
     model_config: dict[str, Any] | None = field(default=None, repr=False)
 
     def plan(self) -> None:

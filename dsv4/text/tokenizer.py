@@ -27,6 +27,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from dsv4.errors import Error
 from dsv4.files import atomic_write
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -50,7 +51,7 @@ SPECIAL_TOKENS: list[str] = [
 ]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Error, ValueError):
     """A tokenizer file that cannot be used; the message names the file."""
 
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsv4.errors import Error
 from dsv4.files import (
     atomic_write,
     remove_temp_leftovers,
@@ -66,7 +67,7 @@ LATEST_NAME = "latest"
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Error, ValueError):
     """A checkpoint that cannot be read or written; the message names the file and tensor."""
 
 

@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 from dsv4.commands import (
-    CommandError,
     byte_size,
     format_bytes,
     format_count,
@@ -178,18 +177,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _info_checkpoint(args: argparse.Namespace) -> int:
-    from dsv4.weights.checkpoint import CheckpointError, describe, load
+    from dsv4.weights.checkpoint import describe, load
 
-    try:
-        ckpt = describe(args.checkpoint)
-        if args.verify:
-            load(args.checkpoint, quantized=True, verify=True)
-            ckpt["notes"].append("every weight read and checked: finite, within range")
-        else:
-            ckpt["notes"].append("weight values not read here (--verify checks them, as "
-                                 "every load does)")
-    except CheckpointError as err:
-        raise CommandError(str(err)) from None
+    ckpt = describe(args.checkpoint)
+    if args.verify:
+        load(args.checkpoint, quantized=True, verify=True)
+        ckpt["notes"].append("every weight read and checked: finite, within range")
+    else:
+        ckpt["notes"].append("weight values not read here (--verify checks them, as every "
+                             "load does)")
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     report = {**info_report(cfg, ckpt["checkpoint"], args.context), "checkpoint": ckpt}
     print(json.dumps(report) if args.json else
@@ -254,15 +250,12 @@ def add_convert(subparsers: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dsv4.weights.checkpoint import CheckpointError, convert, describe
+    from dsv4.weights.checkpoint import convert, describe
 
-    try:
-        out = convert(args.src, args.dst, args.to, dtype=args.dtype,
-                      expert_dtype=args.expert_dtype, max_shard_bytes=args.max_shard_size,
-                      progress=sys.stderr.isatty())
-        written = describe(out)
-    except CheckpointError as err:
-        raise CommandError(str(err)) from None
+    out = convert(args.src, args.dst, args.to, dtype=args.dtype,
+                  expert_dtype=args.expert_dtype, max_shard_bytes=args.max_shard_size,
+                  progress=sys.stderr.isatty())
+    written = describe(out)
     dtypes = ", ".join(f"{name} {d['tensors']}" for name, d in written["dtypes"].items())
     print(f"wrote {written['format']} checkpoint {out}: {len(written['files'])} file(s), "
           f"{format_bytes(written['file_bytes'])}, {written['tensors']} tensors ({dtypes})")
