@@ -31,7 +31,6 @@ from typing import Any
 
 from dsv4.files import atomic_write, write_json_atomic
 from dsv4.posttrain.common import (
-    PosttrainError,
     load_model_and_tokenizer,
     save_stage,
     set_threads,
@@ -286,9 +285,3 @@ def plot_accuracy(results: dict[str, Any], names: list[str], path: Path) -> Path
     plt.close(fig)
     return path
 
-
-def load_results(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / RESULTS_NAME
-    if not path.is_file():
-        raise PosttrainError(f"{path}: no results yet (run dsv4 posttrain --out {out})")
-    return json.loads(path.read_text())

@@ -1003,35 +1003,14 @@ def plot_metrics(run: str | os.PathLike[str]) -> Path | None:
 @torch.no_grad()
 def generate_samples(model: Transformer, tokenizer, prompts: Iterator[str] | tuple[str, ...],
                      max_tokens: int, temperature: float = 0.8, seed: int = 0) -> list[str]:
-    """Continue each prompt (the inference engine when it is available, else a plain loop
-    over the full forward)."""
+    """Continue each prompt with the inference engine."""
+    from dsv4.inference.engine import Engine, SamplingParams
+
     model.eval()
     encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    try:
-        from dsv4.inference.engine import Engine, SamplingParams
-
-        engine = Engine(model)
-        outputs = engine.generate(encoded, SamplingParams(temperature=temperature,
-                                                          max_tokens=max_tokens, seed=seed))
-    except ImportError:
-        outputs = [simple_generate(model, ids, max_tokens, temperature, seed, tokenizer.eos_id)
-                   for ids in encoded]
+    outputs = Engine(model).generate(encoded, SamplingParams(temperature=temperature,
+                                                             max_tokens=max_tokens, seed=seed))
     return [p + tokenizer.decode(out) for p, out in zip(prompts, outputs)]
-
-
-def simple_generate(model: Transformer, ids: list[int], max_tokens: int, temperature: float,
-                    seed: int, eos_id: int | None) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    device = model.embed.weight.device
-    out: list[int] = []
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([ids + out], device=device))[0, -1].float().cpu()
-        probs = (logits / max(temperature, 1e-6)).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=gen))
-        if token == eos_id:
-            break
-        out.append(token)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

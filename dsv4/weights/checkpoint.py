@@ -228,9 +228,6 @@ class SafetensorsFolder:
             raw = raw.clone()
         return raw.view(dtype).reshape(info.shape)
 
-    def close(self) -> None:
-        """Nothing stays open between calls; kept for symmetry with file-like readers."""
-
 
 def _save_file_atomic(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
@@ -700,7 +697,6 @@ def load_plan(p: CheckpointPlan, dtype: str | torch.dtype | None = None,
                                      _id_bound(piece.target, p.config))
                 bar.update()
     finally:
-        p.files.close()
         bar.close()
     _install(model, targets, device)
     for name, parts in raw.items():
@@ -1135,8 +1131,5 @@ def recast_fp4_to_fp8(source: CheckpointPlan, dst: Path, tokenizer: Path | None,
             else:
                 yield name, source.files.get(name).clone()
 
-    try:
-        return _write_folder(dst, cfg, "official", tensors(), tokenizer, max_shard_bytes,
-                             len(source.files.infos), progress, dtype_label="bfloat16")
-    finally:
-        source.files.close()
+    return _write_folder(dst, cfg, "official", tensors(), tokenizer, max_shard_bytes,
+                         len(source.files.infos), progress, dtype_label="bfloat16")
