@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv4.model.config import PRESETS, ModelConfig
+from dsv4.model.config import ModelConfig
 
 
 class CommandError(Exception):
@@ -21,16 +21,6 @@ class CommandError(Exception):
 
 
 # ---- shared argument helpers ------------------------------------------------------------
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset NAME | --config PATH, one of them required."""
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset", metavar="NAME",
-                       help=f"a built-in configuration: {', '.join(PRESETS)}")
-    group.add_argument("--config", metavar="PATH",
-                       help="a config.json (official HF repo, inference/config.json or "
-                            "transformers; detected from its keys) or a folder holding one")
-
-
 def load_model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
     """The config named by --preset / --config, and a label for it."""
     if args.preset is not None:
