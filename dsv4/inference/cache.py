@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.model.config import ModelConfig
-from dsv4.model.kernels import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 from dsv4.model.network import (
     Attention,
     Compressor,
@@ -44,6 +43,7 @@ from dsv4.model.network import (
     static_shapes,
     top_k_mask,
 )
+from dsv4.model.numerics import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 
 DEFAULT_SLACK = 64  # how many tokens a sequence can be truncated back (speculation, prefixes)
 FP8_BLOCK = 64  # one UE8M0 scale byte per 64 FP8 values, as the production layout (§9.2)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model.kernels import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
+from dsv4.model.numerics import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
 
 FP8_BLOCK = 128  # weight blocks are FP8_BLOCK x FP8_BLOCK
 FP4_BLOCK = 32  # 1 x FP4_BLOCK along the input dim
@@ -139,7 +139,7 @@ def quantize_fp4(weight: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Te
     ceil(in/block)]).
 
     Per 1 x block: scale = 2^ceil(log2(amax / 6)), values rounded to the E2M1 grid, ties to
-    the even code (`kernels.round_to_e2m1`). A partial last block is padded with zeros.
+    the even code (`numerics.round_to_e2m1`). A partial last block is padded with zeros.
     """
     if weight.dim() < 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_fp4: expected a float matrix, got {weight.dtype} "

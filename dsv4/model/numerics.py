@@ -1,8 +1,8 @@
-"""Pure-torch reference kernels: the numerics the official reference simulates in attention.
+"""The numerics of the official kernels in plain PyTorch: FP8 / FP4 round trips, Hadamard rotation.
 
 The official inference code runs these as TileLang / CUDA kernels (`act_quant`, `fp4_act_quant`,
 `rotate_activation`). Here they are plain torch, work on any float dtype on CPU and CUDA, and
-return the input dtype (spec architecture.md §8):
+return the input dtype:
 
 * `fp8_e4m3_roundtrip`: window / compressed KV, first 448 dims, blocks of 64, UE8M0 scale.
 * `fp4_e2m1_roundtrip`: indexer q and keys after the Hadamard rotation, blocks of 32, E8M0 scale.
