@@ -46,7 +46,7 @@ from dsv4.model.network import (
 from dsv4.model.numerics import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 
 DEFAULT_SLACK = 64  # how many tokens a sequence can be truncated back (speculation, prefixes)
-FP8_BLOCK = 64  # one UE8M0 scale byte per 64 FP8 values, as the production layout (§9.2)
+KV_FP8_BLOCK = 64  # FP8 KV entries: one UE8M0 scale byte per 64 values (official `act_quant`)
 
 
 class CacheError(ValueError):
@@ -68,7 +68,7 @@ class RowStore:
         self.plain = torch.zeros(slots, n, plain, dtype=dtype, device=device)
         if fp8_dims:
             self.codes = torch.zeros(slots, n, fp8_dims, dtype=torch.float8_e4m3fn, device=device)
-            self.exponents = torch.zeros(slots, n, fp8_dims // FP8_BLOCK, dtype=torch.uint8,
+            self.exponents = torch.zeros(slots, n, fp8_dims // KV_FP8_BLOCK, dtype=torch.uint8,
                                          device=device)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -85,7 +85,7 @@ class RowStore:
         if not self.fp8_dims:
             self.plain[slots, index] = rows.to(self.dtype)
             return
-        nope = rows[..., : self.fp8_dims].float().unflatten(-1, (-1, FP8_BLOCK))
+        nope = rows[..., : self.fp8_dims].float().unflatten(-1, (-1, KV_FP8_BLOCK))
         amax = nope.abs().amax(-1, keepdim=True).clamp(min=FP8_AMAX_FLOOR)
         scale = ue8m0_scale(amax, FP8_E4M3_MAX)  # the kernels' rule: same grid as quant_sim
         self.codes[slots, index] = (nope / scale).to(torch.float8_e4m3fn).flatten(-2)
@@ -98,7 +98,7 @@ class RowStore:
         plain = self.plain[slots, index]
         if not self.fp8_dims:
             return plain
-        codes = self.codes[slots, index].float().unflatten(-1, (-1, FP8_BLOCK))
+        codes = self.codes[slots, index].float().unflatten(-1, (-1, KV_FP8_BLOCK))
         exponent = self.exponents[slots, index].int() - 127
         scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
         nope = (codes * scale.unsqueeze(-1)).flatten(-2)
@@ -392,8 +392,8 @@ class KVCache:
                              f"max_seq_len {cfg.max_seq_len}")
         if slots < 1:
             raise CacheError(f"slots={slots}: must be at least 1")
-        if kv_fp8 and cfg.nope_head_dim % FP8_BLOCK:
-            raise CacheError(f"kv_fp8 needs head_dim - rope_head_dim divisible by {FP8_BLOCK}, "
+        if kv_fp8 and cfg.nope_head_dim % KV_FP8_BLOCK:
+            raise CacheError(f"kv_fp8 needs head_dim - rope_head_dim divisible by {KV_FP8_BLOCK}, "
                              f"got {cfg.nope_head_dim}")
         param = next(model.parameters())
         dtype = dtype or param.dtype

@@ -22,7 +22,7 @@ from torch import nn
 
 from dsv4.model.numerics import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
 
-FP8_BLOCK = 128  # weight blocks are FP8_BLOCK x FP8_BLOCK
+WEIGHT_FP8_BLOCK = 128  # FP8 weights: one scale per 128 x 128 block (the KV cache's are 64 wide)
 FP4_BLOCK = 32  # 1 x FP4_BLOCK along the input dim
 E8M0_BIAS = 127
 # Smallest scale we emit is 2^-126 (a normal fp32): an all-zero block still gets a valid scale.
@@ -75,7 +75,8 @@ def _unblocked(blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return blocks.reshape(*lead, rb * block, cb * block)[..., :rows, :cols]
 
 
-def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(weight: torch.Tensor,
+                 block: int = WEIGHT_FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [..., out, in] float -> (float8_e4m3fn [..., out, in], E8M0 [..., ceil(out/b),
     ceil(in/b)]).
 
@@ -93,7 +94,7 @@ def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Te
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
-                   block: int = FP8_BLOCK) -> torch.Tensor:
+                   block: int = WEIGHT_FP8_BLOCK) -> torch.Tensor:
     """(float8_e4m3fn [..., out, in], scale [..., ceil(out/b), ceil(in/b)]) -> dtype."""
     rows, cols = weight.shape[-2:]
     expected = (*weight.shape[:-2], -(-rows // block), -(-cols // block))
@@ -175,7 +176,7 @@ _FP4_TO_FP8_HEADROOM = 64.0
 
 
 def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-               block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+               block: int = WEIGHT_FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """FP4 (1x32 scales) -> FP8 E4M3 (128x128 E8M0 scales), losslessly; [..., out, in]."""
     exact = dequantize_fp4(packed, scale, in_features)  # fp32, exact
     blocks, rows, cols = _blocked(exact, block)

@@ -345,7 +345,7 @@ class Piece:
             return self.shape, None
         *lead, rows, cols = self.shape
         if self.encoding == "fp8":
-            b = quant.FP8_BLOCK
+            b = quant.WEIGHT_FP8_BLOCK
             return self.shape, (*lead, -(-rows // b), -(-cols // b))
         if self.encoding == "fp4":
             return (*lead, rows, -(-cols // 2)), (*lead, rows, -(-cols // quant.FP4_BLOCK))
