@@ -102,7 +102,7 @@ class ModelConfig:
         if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
             raise ConfigError(f"compress_ratios={ratios!r}: must be a list of integers",
                               field="compress_ratios")
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+        if not all(is_int(r) for r in ratios):
             raise ConfigError(f"compress_ratios={list(ratios)!r}: entries must be integers",
                               field="compress_ratios")
         self.compress_ratios = list(ratios)
@@ -131,12 +131,6 @@ class ModelConfig:
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {msg}", field=name)
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         for name in (
             "vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
@@ -415,8 +409,14 @@ def _default(name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int and not a bool (True is an int to Python, never a count or a token id here)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -505,7 +505,7 @@ def _build(values: dict[str, Any], source: str, key_of: dict[str, str]) -> Model
     """Construct and validate; a validation error names the file and the file's own key."""
     for f in dataclasses.fields(ModelConfig):
         value = values.get(f.name)
-        if f.type == "float" and _is_int(value):
+        if f.type == "float" and is_int(value):
             values[f.name] = float(value)  # JSON writes 10000 for 10000.0
     try:
         return ModelConfig(**values)
@@ -578,7 +578,7 @@ def _hf_key_of_field(data: dict[str, Any]) -> dict[str, str]:
 def _read_rope_head_dim(data: dict[str, Any], values: dict[str, Any], source: str) -> None:
     # transformers stores the RoPE width as a fraction of head_dim, possibly in three places.
     head_dim = values.get("head_dim", _default("head_dim"))
-    if not _is_int(head_dim):
+    if not is_int(head_dim):
         return  # validation reports head_dim
     first = values.get("rope_head_dim")
     first_key = "qk_rope_head_dim"
@@ -699,7 +699,7 @@ def _read_nested_rope(params: dict[str, Any], values: dict[str, Any], source: st
 def _read_schedule(data: dict[str, Any], values: dict[str, Any], source: str) -> None:
     n_layers = values.get("n_layers", _default("n_layers"))
     n_mtp = values.get("n_mtp_layers", _default("n_mtp_layers"))
-    if not (_is_int(n_layers) and _is_int(n_mtp)):
+    if not (is_int(n_layers) and is_int(n_mtp)):
         return  # validation reports them
     _read_compress_rates(data, source)
     layer_types = data.get("layer_types")
