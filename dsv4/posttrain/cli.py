@@ -80,9 +80,9 @@ def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from dsv4.posttrain.common import set_threads
+    from dsv4.runtime import set_threads
 
-    set_threads(args.threads)
+    set_threads(args.threads, all_cores=True)
     _load_domain_modules(args.domain_module)
 
 

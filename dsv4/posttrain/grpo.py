@@ -50,13 +50,13 @@ import torch
 from dsv4.posttrain.common import (
     MetricsLog,
     PosttrainError,
-    lr_factor,
     make_optimizer,
     policy_logprobs,
     rollout_batch,
     sample_rollouts,
     set_lr,
 )
+from dsv4.pretrain.optim import warmup_cosine
 
 
 @dataclass
@@ -179,7 +179,8 @@ def run_grpo(model, reference, tokenizer, domain, cfg: GRPOConfig,
                                response_text(tokenizer, r.generated, domain.thinking)))
             for i, r in enumerate(rollouts)]).view(len(group), cfg.group_size)
         advantages = group_advantages(rewards).flatten()
-        set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps))
+        set_lr(optimizer, warmup_cosine(step, cfg.warmup_steps, cfg.warmup_steps, cfg.steps,
+                                            floor=0.1))
         # A group whose samples all scored the same has zero advantage: it only adds to the KL
         # term, so train on the groups that carry signal (DAPO's dynamic sampling, minus the
         # re-sampling); a step without any is skipped.

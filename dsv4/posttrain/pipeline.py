@@ -33,12 +33,12 @@ from dsv4.files import atomic_write, write_json_atomic
 from dsv4.posttrain.common import (
     load_model_and_tokenizer,
     save_stage,
-    set_threads,
     stage_done,
 )
 from dsv4.posttrain.distill import DistillConfig
 from dsv4.posttrain.grpo import GRPOConfig
 from dsv4.posttrain.sft import SFTConfig
+from dsv4.runtime import set_threads
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "accuracy.png"
@@ -71,7 +71,7 @@ def run_posttrain(cfg: PosttrainConfig, log: Callable[[str], None] = print) -> d
     from dsv4.tasks import DOMAINS, get_domain
 
     started = time.time()
-    set_threads(cfg.threads)
+    set_threads(cfg.threads, all_cores=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(cfg.domains or DOMAINS)

@@ -414,3 +414,16 @@ def build_optimizer(model: nn.Module, name: str = "muon", lr: float = DEFAULT_LR
         raise ValueError(f"optimizer {name!r}: must be 'muon' or 'adamw'")
     groups = param_groups(model, name, lr, weight_decay, decay_vectors)
     return Muon(groups, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)
+
+
+def warmup_cosine(step: int, warmup: int, decay_start: int, floor_step: int,
+                  floor: float) -> float:
+    """The LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup`
+    steps, 1 until `decay_start`, a cosine down to `floor` at `floor_step`, then `floor`.
+    Pre-training and every post-training stage use it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, floor_step - decay_start))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

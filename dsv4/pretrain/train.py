@@ -39,7 +39,6 @@ the tokens travel to them, dsv4/pretrain/parallel.py); checkpoints stay full nat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -67,6 +66,8 @@ from dsv4.files import (
 )
 from dsv4.model.config import ModelConfig
 from dsv4.model.network import Attention, MoE, Transformer, rebuild_rope_tables
+from dsv4.pretrain.optim import warmup_cosine
+from dsv4.runtime import bf16_autocast, set_threads
 
 IGNORE_INDEX = -100
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -183,13 +184,8 @@ class TrainConfig:
 def lr_factor(step: int, tc: TrainConfig) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based): linear warm-up, constant,
     cosine to min_lr_ratio between decay_start_step and decay_end_step, then the floor."""
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    if step < tc.decay_start_step:
-        return 1.0
-    span = max(1, tc.decay_end_step - 1 - tc.decay_start_step)
-    progress = min(1.0, (step - tc.decay_start_step) / span)
-    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, tc.warmup_steps, tc.decay_start_step, tc.decay_end_step - 1,
+                         floor=tc.min_lr_ratio)
 
 
 def mtp_weight(step: int, tc: TrainConfig) -> float:
@@ -448,8 +444,7 @@ class Trainer:
 
     def __init__(self, tc: TrainConfig, resume: bool = False, log=print):
         self.tc, self.log = tc, log
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        set_threads(tc.threads)
         self.device = pick_device(tc.device)
         self.dist = init_distributed(self.device)
         self.out = Path(tc.out)
@@ -624,9 +619,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def autocast(self):
-        if self.tc.autocast == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return bf16_autocast(self.tc.autocast == "bf16", self.device)
 
     def forward_losses(self, batch, mtp_w: float) -> dict[str, torch.Tensor]:
         """Summed losses of one micro-batch (sums, normalized by the caller) and counts."""
