@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsv4.files import write_json_atomic
+from dsv4.files import append_line, write_json_atomic
 from dsv4.model.network import Transformer
 from dsv4.tasks import (
     DEFAULT_MAX_TOKENS,
@@ -89,8 +89,7 @@ class MetricsLog:
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.path, json.dumps(row))  # whole line or nothing, as pre-training
 
 
 def make_optimizer(model: Transformer, name: str, lr: float, weight_decay: float = 0.0,

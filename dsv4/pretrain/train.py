@@ -859,11 +859,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step_N: native model checkpoint + trainer state, then `latest` -> it.
         `latest` is replaced last (atomically), so it always names a complete checkpoint."""
-        from dsv4.weights.checkpoint import save
+        from dsv4.weights.checkpoint import mark_latest, run_checkpoint, save
 
         self._check_weights_savable()
-        checkpoints = self.out / "checkpoints"
-        folder = checkpoints / f"step_{self.step:06d}"
+        folder = run_checkpoint(self.out, self.step)
         plain = self._full_model()
         if self.dist.main:
             save(plain, folder, format="native", tokenizer=self.tokenizer)
@@ -874,8 +873,8 @@ class Trainer:
         save_torch_atomic(state, folder / self._trainer_state_name())
         self._barrier()
         if self.dist.main:
-            write_text_atomic(checkpoints / "latest", folder.name + "\n")
-            self._prune_checkpoints(checkpoints, keep=self.tc.keep_checkpoints)
+            mark_latest(folder)
+            self._prune_checkpoints(folder.parent, keep=self.tc.keep_checkpoints)
         self._barrier()
         return folder
 

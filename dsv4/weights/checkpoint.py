@@ -469,15 +469,25 @@ def find_tokenizer(path: str | os.PathLike[str]) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def run_checkpoint(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """Where a run directory keeps the checkpoint of `step`: `RUN/checkpoints/step_{step:06d}`."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def mark_latest(folder: Path) -> None:
+    """Point `checkpoints/latest` at the checkpoint `folder` inside it. Call it last, once the
+    folder is complete: the atomic write means `latest` always names a whole checkpoint."""
+    write_text_atomic(folder.parent / LATEST_NAME, folder.name + "\n")
+
+
 def save_to_run(model: Transformer, run_dir: str | os.PathLike[str], step: int,
                 tokenizer: Tokenizer | None = None, **save_kwargs: Any) -> Path:
     """Save a native checkpoint as `RUN/checkpoints/step_{step:06d}` and point
     `RUN/checkpoints/latest` at it (written last, atomically)."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    folder = save(model, checkpoints / f"step_{step:06d}", format="native",
-                  tokenizer=tokenizer, **save_kwargs)
-    write_text_atomic(checkpoints / LATEST_NAME, folder.name + "\n")
+    folder = run_checkpoint(run_dir, step)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    save(model, folder, format="native", tokenizer=tokenizer, **save_kwargs)
+    mark_latest(folder)
     return folder
 
 
