@@ -1,4 +1,4 @@
-"""The hybrid KV cache of DeepSeek-V4 and the cached attention core (spec §9).
+"""The hybrid KV cache of DeepSeek-V4 and the cached attention core (V4 report: KV cache).
 
 Per attention layer and per sequence slot the cache holds:
 
@@ -22,8 +22,8 @@ at its own length; queries attend their window, then either every visible compre
 a prefill chunk costs O(T * (window + top-k + visible/ratio)) — no T x T or S x S matrices.
 
 Optional FP8 storage (`kv_fp8=True`) keeps the non-RoPE dims of window rows and main entries as
-FP8 E4M3 with one UE8M0 (power-of-two) scale byte per 64 values (spec §8/§9.2); RoPE dims stay
-in the cache dtype. With `quant_sim` models this is lossless: the model already rounds KV
+FP8 E4M3 with one UE8M0 (power-of-two) scale byte per 64 values (official `act_quant`); RoPE
+dims stay in the cache dtype. With `quant_sim` models this is lossless: the model already rounds KV
 through the same FP8 grid, and re-quantizing a value on that grid returns it unchanged.
 """
 
@@ -491,7 +491,7 @@ class KVCache:
 
     def used_bytes(self, slot: int, include_state: bool = False) -> int:
         """Bytes that slot's `length` tokens occupy in the main layers: the full window ring
-        (without slack), one entry per completed window; the formula of spec §9.3."""
+        (without slack), one entry per completed window."""
         length = int(self.lengths[slot])
         total = 0
         for cache in self.layers:

@@ -18,7 +18,7 @@ from typing import Any
 
 from dsv4.files import write_json_atomic
 
-# compress ratio -> attention kind (spec architecture.md §2)
+# compress ratio -> attention kind (official `compress_ratios`; V4 report: CSA and HCA)
 LAYER_KINDS = {0: "sliding", 4: "csa", 128: "hca"}
 HF_LAYER_TYPES = {
     0: "sliding_attention",
@@ -91,7 +91,8 @@ class ModelConfig:
     dtype: str = "fp8"
     expert_dtype: str = "fp4"
     scale_fmt: str | None = "ue8m0"
-    # QAT numerics simulation of spec §8 (FP8 KV, FP4 indexer): off by default
+    # QAT numerics simulation (FP8 KV, FP4 indexer; official `act_quant`, `fp4_act_quant`): off
+    # by default
     quant_sim: bool = False
     # Ablation switch (bench/train_mhc.py): a plain residual stream x + F(x) instead of mHC.
     # The mHC parameters stay in the model (unused), so state dicts keep their names.
@@ -190,7 +191,7 @@ class ModelConfig:
                  f"cannot exceed the number of CSA entries at max_seq_len ({max_entries})")
 
     def _validate_quant_sim(self, need) -> None:
-        """The simulated FP8/FP4 blocks must tile the tensors they quantize (spec §8)."""
+        """The simulated FP8/FP4 blocks must tile the tensors they quantize."""
         need(self.nope_head_dim % 64 == 0, "head_dim",
              "quant_sim needs head_dim - rope_head_dim divisible by 64 (FP8 KV blocks)")
         size = self.index_head_dim
@@ -236,11 +237,11 @@ class ModelConfig:
         return parse_config_dict(data, source)
 
     def to_official_dict(self) -> dict[str, Any]:
-        """The HF-repo `config.json` the DeepSeek releases ship (spec §15.1)."""
+        """The HF-repo `config.json` the DeepSeek releases ship."""
         return _to_official(self)
 
     def to_inference_dict(self) -> dict[str, Any]:
-        """`inference/config.json`: the official `ModelArgs(**json)` can load it (spec §15.3)."""
+        """`inference/config.json`: the official `ModelArgs(**json)` can load it."""
         return _to_inference(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -296,12 +297,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # =========================================================================================
 #
 # One config, three spellings in circulation:
-#   official   the HF-repo `config.json` DeepSeek ships (spec §15.1): HF-style key names,
+#   official   the HF-repo `config.json` DeepSeek ships: HF-style key names,
 #              `compress_ratios` with n_layers + 1 entries, `rope_scaling`, `quantization_config`
 #              plus a top-level `expert_dtype`.
-#   inference  the reference code's `inference/config.json` (spec §15.3): the `ModelArgs` names
+#   inference  the reference code's `inference/config.json`: the `ModelArgs` names
 #              our fields mirror; unlisted fields fall back to the defaults.
-#   hf         what transformers' `DeepseekV4Config.save_pretrained` writes (spec §15.4):
+#   hf         what transformers' `DeepseekV4Config.save_pretrained` writes:
 #              `layer_types`, `mlp_layer_types`, `compress_rates`, nested `rope_parameters`,
 #              `partial_rotary_factor`, and no `compress_ratios` (the MTP slot then reads as 0,
 #              the value of both released models).
@@ -383,9 +384,10 @@ _HF_SPECIAL = {
 }
 # Runtime-only `ModelArgs` fields of the reference code (batch size of its static cache, scale
 # storage of its kernels), and `n_routed_experts_score`, found only in one third-party copy
-# of the Flash inference config (spec §15.3) and read by nothing.
+# of the Flash `inference/config.json` and read by nothing.
 _INFERENCE_IGNORED = {"max_batch_size", "scale_dtype", "n_routed_experts_score"}
-# The reference `ModelArgs` keys, in the order of spec §15.3 (then the ones it leaves out).
+# The reference `ModelArgs` keys, in the order of the Flash `inference/config.json` (then the
+# ones it leaves out).
 _INFERENCE_KEYS = (
     "vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
     "n_routed_experts", "n_shared_experts", "n_activated_experts", "score_func", "route_scale",
@@ -723,7 +725,7 @@ def _read_schedule(data: dict[str, Any], values: dict[str, Any], source: str) ->
             at = f" at layer {where}" if where is not None else ""
             raise _key_error(source, "layer_types", f"contradicts 'compress_ratios'{at}")
     elif ratios is None:
-        # transformers' fallback schedule differs from the released models (spec §17.5).
+        # transformers' fallback schedule differs from the released models' config.json.
         raise ConfigError(f"{source}: key 'compress_ratios': missing (and no 'layer_types'); "
                           "the layer schedule must be given")
     mlp_types = data.get("mlp_layer_types")
@@ -790,7 +792,7 @@ def _read_quantization(data: dict[str, Any], values: dict[str, Any], source: str
     # transformers copies the top-level expert_dtype into quantization_config.
     expert = _agree(source, [("expert_dtype", top_expert),
                              ("quantization_config.expert_dtype", qc.get("expert_dtype"))])
-    values["expert_dtype"] = expert or "fp8"  # -Base checkpoints: FP8 experts (spec §14.1)
+    values["expert_dtype"] = expert or "fp8"  # -Base checkpoints: FP8 experts (their config.json)
 
 
 # ---- writers ----------------------------------------------------------------------------
@@ -803,7 +805,7 @@ def _quantization_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _to_official(cfg: ModelConfig) -> dict[str, Any]:
-    # Key order as shipped (spec §15.1), minus `transformers_version`, which would be a claim
+    # Key order as shipped, minus `transformers_version`, which would be a claim
     # about a tool that did not write this file.
     d: dict[str, Any] = {
         "architectures": ["DeepseekV4ForCausalLM"],

@@ -25,7 +25,7 @@ FP8_AMAX_FLOOR = 1e-4
 # kernel: an all-tiny block keeps its relative precision instead of collapsing to zero.
 FP4_AMAX_FLOOR = 6.0 * 2.0**-126
 
-# Magnitudes of the eight E2M1 codes 0..7 (bit 3 of a nibble is the sign), spec §14.1.
+# Magnitudes of the eight E2M1 codes 0..7 (bit 3 of a nibble is the sign), the OCP MX E2M1 grid.
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 

@@ -1,4 +1,4 @@
-"""The weight formats of the released checkpoints (spec architecture.md §14.1).
+"""The weight formats of the released checkpoints (their `quantization_config`, V4 report: FP4 QAT).
 
 * FP8 E4M3 with one E8M0 (power-of-two) scale per 128 x 128 block: attention projections,
   indexer `wq_b`, shared experts, MTP `e_proj/h_proj`. Weight `[out, in]` float8_e4m3fn, scale
@@ -166,7 +166,7 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
     return (values * s).to(dtype)
 
 
-# ---- the lossless FP4 -> FP8 recast (spec §14.1) ---------------------------------------------
+# ---- the lossless FP4 -> FP8 recast (V4 report: FP4 QAT) ------------------------------------
 # An E2M1 value has at most two significant bits (1.5 = 1.1b), E4M3 has four, so
 # c * s is exact in FP8 units of S = max(s) / 64 as long as it does not fall below FP8's
 # subnormal step 2^-9: 6 * 64 = 384 <= 448 (no saturation) and 0.5 * 2^(6-d) >= 2^-9 for every

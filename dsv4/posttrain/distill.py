@@ -1,4 +1,4 @@
-"""Multi-teacher on-policy distillation (spec training.md §3.5): one student, one teacher per
+"""Multi-teacher on-policy distillation (V4 report, post-training): one student, one teacher per
 domain, the exact full-vocabulary reverse KL on the student's own samples.
 
 One step: for each domain (samples are grouped by teacher, as V4 dispatches them), the student

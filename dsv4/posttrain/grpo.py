@@ -1,4 +1,4 @@
-"""GRPO for a domain specialist (spec training.md §3.3), with the V3.2 stabilisers.
+"""GRPO for a domain specialist (V4 report, post-training), with the V3.2 stabilisers.
 
 One step:
 

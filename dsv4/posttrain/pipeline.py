@@ -1,4 +1,4 @@
-"""`dsv4 posttrain`: the V4 post-training recipe end to end (spec training.md §3.1).
+"""`dsv4 posttrain`: the V4 post-training recipe end to end (V4 report, post-training).
 
     [pretrain a fresh nano briefly, when no --from run is given]
     base        = SFT of the pretrained model on a mix of every domain

@@ -1,4 +1,4 @@
-"""Pretraining, the V4 way (spec training.md §1-§2), in one process or under torchrun.
+"""Pretraining, the V4 way (V4 report, pre-training), in one process or under torchrun.
 
 One optimizer step:
 
@@ -12,10 +12,10 @@ One optimizer step:
 
 Schedules (all step counts are fixed when a run is created, in `train_config.json`):
 - LR: linear warm-up, constant, then cosine decay to `min_lr_ratio` (0.1) x peak, the shape of
-  spec §2.4. Steps past the planned end (`--resume --steps` beyond the original plan) stay at
-  the floor, so extending a run never re-warms it.
-- MTP loss weight 0.3, 0.1 from the step where the LR decay starts (spec §2.9).
-- Lightning Indexer (spec §2.5, our reading of V3.2's recipe, see `Attention.compressed`): for
+  the report's schedule. Steps past the planned end (`--resume --steps` beyond the original
+  plan) stay at the floor, so extending a run never re-warms it.
+- MTP loss weight 0.3, then 0.1 from the step where the LR decay starts (the V4 report's).
+- Lightning Indexer (our reading of V3.2's recipe, see `Attention.compressed`): for
   the first `dense_fraction` of the steps CSA layers attend every visible compressed entry
   (dense warm-up) while the indexer learns, from a KL loss toward the main attention's
   distribution over those entries, which entries matter; afterwards CSA attends only the
@@ -109,13 +109,13 @@ class TrainConfig:
     warmup_steps: int | None = None  # default 5% of the steps
     decay_start_step: int | None = None  # default 70% of the steps
     decay_end_step: int | None = None  # default: the last step
-    min_lr_ratio: float = 0.1  # cosine decay to 0.1 x peak (spec §2.4)
-    mtp_weight: float = 0.3  # then mtp_weight_decay once the LR decay starts (spec §2.9)
+    min_lr_ratio: float = 0.1  # cosine decay to 0.1 x peak
+    mtp_weight: float = 0.3  # then mtp_weight_decay once the LR decay starts
     mtp_weight_decay: float = 0.1
-    balance_loss_weight: float = 1e-4  # sequence-wise balance loss (spec §2.7)
-    bias_update_speed: float = 1e-3  # loss-free balancing (spec §2.7)
+    balance_loss_weight: float = 1e-4  # sequence-wise balance loss (V3 report)
+    bias_update_speed: float = 1e-3  # loss-free balancing (V3 report)
     indexer_loss_weight: float = 1.0
-    dense_fraction: float = 0.5  # CSA dense warm-up share of the steps (spec §2.5)
+    dense_fraction: float = 0.5  # CSA dense warm-up share of the steps
     sparse_start_step: int | None = None  # default dense_fraction x steps
     val_fraction: float = 0.01
     eval_every: int = 50
@@ -177,7 +177,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (spec §2.4, §2.5, §2.9)
+# Schedules: LR, indexer warm-up, MTP weight
 # ---------------------------------------------------------------------------------------------
 
 
@@ -217,7 +217,7 @@ def mtp_inputs_and_targets(
 def sequence_balance_loss(
     indices: torch.Tensor, scores: torch.Tensor, token_mask: torch.Tensor, n_experts: int
 ) -> torch.Tensor:
-    """Sequence-wise balance loss sum_i f_i P_i of spec §2.7, averaged over the rows.
+    """Sequence-wise balance loss sum_i f_i P_i (DeepSeek-V3 report), averaged over the rows.
 
     indices [B*S, k] chosen experts; scores [B*S, E] affinities (with grad); token_mask [B, S]
     real (non-pad) tokens. f_i = E/(k T) * #tokens routed to i, P_i = mean_t s_{i,t}/sum_j s_{j,t},
@@ -531,7 +531,7 @@ class Trainer:
         if self.dist.world_size > 1:
             parallelize(model, self.dist.mesh, expert_parallel=tc.expert_parallel)
         self.model = model
-        # Newton-Schulz in bf16 when training in bf16: stable (paper §3.4.1), 2x faster on CPU
+        # Newton-Schulz in bf16 when training in bf16: stable (V4 report §3.4.1), 2x faster on CPU
         ns_dtype = torch.bfloat16 if tc.autocast == "bf16" else None
         self.optimizer = build_optimizer(model, tc.optimizer, lr=tc.lr,
                                          weight_decay=tc.weight_decay, ns_dtype=ns_dtype)

@@ -5,11 +5,12 @@ error body naming the parameter ({"error": {"message", "type", "param", "code"}}
 FastAPI's 422 shape. Unknown parameters are refused (400) rather than silently ignored, except
 a few that change nothing here (`user`, `metadata`, `store`, ...).
 
-Reasoning modes (spec training.md §3.2): `reasoning_effort` none turns thinking off; the other
-efforts (minimal, low, medium, high, xhigh, max) turn it on and go to the chat encoding as they
-are (`dsv4.text.chat.encode_chat` decides what each adds to the prompt). A `thinking` switch is also
-accepted: `true`/`false`, DeepSeek's `{"type": "enabled" | "disabled"}`, or
-`chat_template_kwargs: {"thinking": bool}`. With neither, a request is non-think.
+Reasoning modes (V4 report: Non-think, Think High, Think Max): `reasoning_effort` none turns
+thinking off; the other efforts (minimal, low, medium, high, xhigh, max) turn it on and go to
+the chat encoding as they are (`dsv4.text.chat.encode_chat` decides what each adds to the
+prompt). A `thinking` switch is also accepted: `true`/`false`, DeepSeek's
+`{"type": "enabled" | "disabled"}`, or `chat_template_kwargs: {"thinking": bool}`. With neither,
+a request is non-think.
 `response_format` (text, json_object, json_schema, regex) adds the official prompt section; the
 output itself is not constrained.
 """

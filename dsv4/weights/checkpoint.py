@@ -1,18 +1,19 @@
 """Checkpoints: save and load a `Transformer` in three layouts, lazily and shard by shard.
 
-Layouts (spec architecture.md §14), auto-detected from the tensor names:
+Layouts, auto-detected from the tensor names:
 
 * native    our own: `config.json` holding every ModelConfig field (`cfg.to_dict()`), and
             `model.safetensors` with `model.state_dict()` names (routed experts stacked
             `[E, out, in]`, the `tid2eid` buffers, MTP), in the dtypes the model had.
-* official  DeepSeek's release layout (§14.2): no `model.` prefix, routed experts one tensor per
-            expert (`layers.L.ffn.experts.{e}.w1.weight`), FP8 E4M3 weights with 128x128 E8M0
+* official  DeepSeek's release layout (the HF repos' `model.safetensors.index.json`): no
+            `model.` prefix, routed experts one tensor per expert
+            (`layers.L.ffn.experts.{e}.w1.weight`), FP8 E4M3 weights with 128x128 E8M0
             `.scale` tensors, FP4 E2M1 routed experts packed two per byte with 1x32 E8M0 scales
             (`quant.py`); the official `config.json` (its `expert_dtype` decides the experts'
             encoding, `quantization_config` the rest).
 * hf        transformers: what `DeepseekV4ForCausalLM.save_pretrained` writes (the official
             names with a `model.` prefix, see `convert.hf_saved_name`), and on reading also the
-            runtime names of §14.3 (`model.layers.L.self_attn...`, stacked `gate_up_proj`).
+            runtime names (`model.layers.L.self_attn...`, stacked `gate_up_proj`).
 
 Every layout may be sharded: `model-0000i-of-0000n.safetensors` plus
 `model.safetensors.index.json`. A run directory (`dsv4 train`) holds
@@ -300,7 +301,7 @@ def write_sharded(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],
 # =============================================================================================
 # layouts: how each of our state-dict tensors is stored in each format
 # =============================================================================================
-# Storage classes of the released checkpoints (spec §14.1).
+# Storage classes of the released checkpoints (their `quantization_config`).
 _FP8_CLASS = re.compile(
     r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]"
     r"|(^|\.)[eh]_proj)\.weight$")
@@ -376,7 +377,7 @@ def layout(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], fmt: str) -> li
     """The pieces of `fmt` for a model whose state-dict shapes are `shapes`.
 
     fmt: "native", "official", "hf" (what save_pretrained writes) or "hf-runtime" (the
-    transformers parameter names, §14.3; read only).
+    transformers parameter names; read only).
     """
     from dsv4.weights.convert import hf_runtime_name, hf_saved_name
 
@@ -1097,7 +1098,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, *
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
     """Convert a checkpoint to layout `to` (native, official, hf). The tokenizer.json comes
     along. Official FP4 experts -> official FP8 experts is done tensor by tensor (the lossless
-    recast of spec §14.1); everything else goes through a model in memory."""
+    recast of `quant.py`); everything else goes through a model in memory."""
     if to not in FORMATS:
         raise CheckpointError(f"to={to!r}: must be one of {list(FORMATS)}")
     source = plan(src)
