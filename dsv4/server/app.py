@@ -451,6 +451,16 @@ def merge_logprobs(first: dict | None, second: dict) -> dict:
     return {key: first[key] + second[key] for key in first}
 
 
+def stream_end(server: Server, job, obj: str, rid: str, created: int) -> list[str]:
+    """The last events of a stream: a usage chunk when the request asked for one, then [DONE]."""
+    end = [sse("[DONE]")]
+    if job.parsed.include_usage:
+        end.insert(0, sse({"id": rid, "object": obj, "created": created,
+                           "model": server.served_model, "choices": [],
+                           "usage": usage(job.prompt_tokens(), job.completion_tokens())}))
+    return end
+
+
 async def stream_completion(server: Server, request: Request, job: CompletionJob,
                             handle: Handle, done: list, stack: contextlib.AsyncExitStack
                             ) -> AsyncIterator[str]:
@@ -483,11 +493,8 @@ async def stream_completion(server: Server, request: Request, job: CompletionJob
                 if text or logprobs or choice.finished:
                     yield chunk(k, text, choice.finish_reason, logprobs)
             done[0] = True
-            if parsed.include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created,
-                           "model": server.served_model, "choices": [],
-                           "usage": usage(job.prompt_tokens(), job.completion_tokens())})
-            yield sse("[DONE]")
+            for line in stream_end(server, job, "text_completion", rid, created):
+                yield line
         except ClientGone:
             return
         except APIError as err:
@@ -615,11 +622,8 @@ async def stream_chat(server: Server, request: Request, job: ChatJob, handle: Ha
                         logprobs = {"content": job.token_logprobs(k, job.logprobs_sent[k])}
                     yield chunk(k, {}, choice.finish_reason, logprobs, choice.problems)
             done[0] = True
-            if parsed.include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                           "model": server.served_model, "choices": [],
-                           "usage": usage(job.prompt_tokens(), job.completion_tokens())})
-            yield sse("[DONE]")
+            for line in stream_end(server, job, "chat.completion.chunk", rid, created):
+                yield line
         except ClientGone:
             return
         except APIError as err:
