@@ -174,14 +174,7 @@ def hf_runtime_name(name: str) -> tuple[str, int | None] | None:
 # per expert, but leaves a `model.` prefix on everything except `head.weight`, renames the top
 # level like the runtime names, and turns the attention's `kv_norm` into `norm` (the inverse of
 # the compressor's `norm -> kv_norm`). Checked against a real save in tests/test_convert.py.
-_SAVED_TOP: dict[str, str] = {
-    "embed.weight": "model.embed_tokens.weight",
-    "head.weight": "head.weight",
-    "norm.weight": "model.norm.weight",
-    "hc_head_fn": "model.hc_head.hc_fn",
-    "hc_head_base": "model.hc_head.hc_base",
-    "hc_head_scale": "model.hc_head.hc_scale",
-}
+_SAVED_TOP: dict[str, str] = {**_TOP_RULES, "head.weight": "head.weight"}
 _KV_NORM = re.compile(r"^(layers\.\d+\.attn\.)kv_norm\.")
 
 
