@@ -388,15 +388,20 @@ class CompletionJob:
         return top
 
 
+async def start_stream(server: Server, request: Request, job, stream) -> StreamingResponse:
+    """Submit the job's prompts, then stream `stream(...)`'s events. Submitted here, before the
+    response starts, so a full queue is still a plain 429."""
+    stack = contextlib.AsyncExitStack()
+    handle, done = await stack.enter_async_context(
+        generations(server, request, job.engine_prompts, job.engine_params))
+    return StreamingResponse(stream(server, request, job, handle, done, stack),
+                             media_type="text/event-stream")
+
+
 async def serve_completion(server: Server, request: Request, parsed: CompletionRequest):
     job = await asyncio.to_thread(CompletionJob, server, parsed)  # tokenizing: off the loop
     if parsed.stream:
-        # Submitted here, before the response starts, so a full queue is still a plain 429.
-        stack = contextlib.AsyncExitStack()
-        handle, done = await stack.enter_async_context(
-            generations(server, request, job.engine_prompts, job.engine_params))
-        return StreamingResponse(stream_completion(server, request, job, handle, done, stack),
-                                 media_type="text/event-stream")
+        return await start_stream(server, request, job, stream_completion)
     async with generations(server, request, job.engine_prompts, job.engine_params) as (handle,
                                                                                      done):
         try:
@@ -568,11 +573,7 @@ class ChatJob:
 async def serve_chat(server: Server, request: Request, parsed: ChatRequest):
     job = await asyncio.to_thread(ChatJob, server, parsed)  # encoding, tokenizing: off the loop
     if parsed.stream:
-        stack = contextlib.AsyncExitStack()
-        handle, done = await stack.enter_async_context(
-            generations(server, request, job.engine_prompts, job.engine_params))
-        return StreamingResponse(stream_chat(server, request, job, handle, done, stack),
-                                 media_type="text/event-stream")
+        return await start_stream(server, request, job, stream_chat)
     async with generations(server, request, job.engine_prompts, job.engine_params) as (handle,
                                                                                      done):
         try:
