@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from dsv4.errors import Error
-from dsv4.model.config import PRESETS, ModelConfig
+from dsv4.model.config import ModelConfig
 from dsv4.options import positive_int  # noqa: F401  (re-exported: the commands' type)
 
 
@@ -52,16 +52,6 @@ class CommandParser(argparse.ArgumentParser):
 
 
 # ---- shared argument helpers ------------------------------------------------------------
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset NAME | --config PATH, one of them required."""
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset", metavar="NAME",
-                       help=f"a built-in configuration: {', '.join(PRESETS)}")
-    group.add_argument("--config", metavar="PATH",
-                       help="a config.json (official HF repo, inference/config.json or "
-                            "transformers; detected from its keys) or a folder holding one")
-
-
 def load_model_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
     """The config named by --preset / --config, and a label for it."""
     if args.preset is not None:

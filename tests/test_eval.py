@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from dsv4.evaluate import math as math_suite
+from dsv4.evaluate import math_answers as math_suite
 from dsv4.evaluate import mc, niah, ppl
 from dsv4.evaluate.backends import EvalError, LocalBackend
 from dsv4.evaluate.formats import FormatError

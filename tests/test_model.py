@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dsv4 import ModelConfig, Transformer
-from dsv4.model.kernels import fp8_e4m3_roundtrip
 from dsv4.model.network import HyperConnection, Indexer, rope_inv_freq, sinkhorn, sparse_attention
+from dsv4.model.numerics import fp8_e4m3_roundtrip
 from tests.parity_utils import randomize, tiny_config
 
 

@@ -7,7 +7,7 @@
     niah.py       needle in a haystack + the CSA indexer's recall of the needle
     tasks.py      the post-training domains (dsv4.tasks)
     mc.py         multiple choice (MMLU, letter columns, ARC)
-    math.py       final-answer math (GSM8K, MATH)
+    math_answers.py  final-answer math (GSM8K, MATH)
     formats.py    benchmark files (JSONL, JSON, CSV, Parquet) with file:line errors
     store.py      resumable per-item results (items.jsonl)
     report.py     the table and the PNGs

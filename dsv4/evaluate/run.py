@@ -23,9 +23,9 @@ from dsv4.evaluate import niah as niah_suite
 from dsv4.evaluate import ppl as ppl_suite
 from dsv4.evaluate import tasks as tasks_suite
 from dsv4.evaluate.backends import EvalError
-from dsv4.evaluate.math import load_items as load_math_items
-from dsv4.evaluate.math import score_items as score_math
-from dsv4.evaluate.math import summarize as summarize_math
+from dsv4.evaluate.math_answers import load_items as load_math_items
+from dsv4.evaluate.math_answers import score_items as score_math
+from dsv4.evaluate.math_answers import summarize as summarize_math
 from dsv4.evaluate.report import write_plots
 from dsv4.evaluate.store import ResultStore, data_fingerprint
 from dsv4.files import write_json_atomic

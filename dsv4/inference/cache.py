@@ -1,4 +1,4 @@
-"""The hybrid KV cache of DeepSeek-V4 and the cached attention core (spec §9).
+"""The hybrid KV cache of DeepSeek-V4 and the cached attention core (V4 report: KV cache).
 
 Per attention layer and per sequence slot the cache holds:
 
@@ -22,8 +22,8 @@ at its own length; queries attend their window, then either every visible compre
 a prefill chunk costs O(T * (window + top-k + visible/ratio)) — no T x T or S x S matrices.
 
 Optional FP8 storage (`kv_fp8=True`) keeps the non-RoPE dims of window rows and main entries as
-FP8 E4M3 with one UE8M0 (power-of-two) scale byte per 64 values (spec §8/§9.2); RoPE dims stay
-in the cache dtype. With `quant_sim` models this is lossless: the model already rounds KV
+FP8 E4M3 with one UE8M0 (power-of-two) scale byte per 64 values (official `act_quant`); RoPE
+dims stay in the cache dtype. With `quant_sim` models this is lossless: the model already rounds KV
 through the same FP8 grid, and re-quantizing a value on that grid returns it unchanged.
 """
 
@@ -35,7 +35,6 @@ import torch
 
 from dsv4.errors import Error
 from dsv4.model.config import ModelConfig
-from dsv4.model.kernels import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 from dsv4.model.network import (
     Attention,
     Compressor,
@@ -45,9 +44,10 @@ from dsv4.model.network import (
     static_shapes,
     top_k_mask,
 )
+from dsv4.model.numerics import FP8_AMAX_FLOOR, FP8_E4M3_MAX, ue8m0_scale
 
 DEFAULT_SLACK = 64  # how many tokens a sequence can be truncated back (speculation, prefixes)
-FP8_BLOCK = 64  # one UE8M0 scale byte per 64 FP8 values, as the production layout (§9.2)
+KV_FP8_BLOCK = 64  # FP8 KV entries: one UE8M0 scale byte per 64 values (official `act_quant`)
 
 
 class CacheError(Error, ValueError):
@@ -69,7 +69,7 @@ class RowStore:
         self.plain = torch.zeros(slots, n, plain, dtype=dtype, device=device)
         if fp8_dims:
             self.codes = torch.zeros(slots, n, fp8_dims, dtype=torch.float8_e4m3fn, device=device)
-            self.exponents = torch.zeros(slots, n, fp8_dims // FP8_BLOCK, dtype=torch.uint8,
+            self.exponents = torch.zeros(slots, n, fp8_dims // KV_FP8_BLOCK, dtype=torch.uint8,
                                          device=device)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -86,7 +86,7 @@ class RowStore:
         if not self.fp8_dims:
             self.plain[slots, index] = rows.to(self.dtype)
             return
-        nope = rows[..., : self.fp8_dims].float().unflatten(-1, (-1, FP8_BLOCK))
+        nope = rows[..., : self.fp8_dims].float().unflatten(-1, (-1, KV_FP8_BLOCK))
         amax = nope.abs().amax(-1, keepdim=True).clamp(min=FP8_AMAX_FLOOR)
         scale = ue8m0_scale(amax, FP8_E4M3_MAX)  # the kernels' rule: same grid as quant_sim
         self.codes[slots, index] = (nope / scale).to(torch.float8_e4m3fn).flatten(-2)
@@ -99,7 +99,7 @@ class RowStore:
         plain = self.plain[slots, index]
         if not self.fp8_dims:
             return plain
-        codes = self.codes[slots, index].float().unflatten(-1, (-1, FP8_BLOCK))
+        codes = self.codes[slots, index].float().unflatten(-1, (-1, KV_FP8_BLOCK))
         exponent = self.exponents[slots, index].int() - 127
         scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
         nope = (codes * scale.unsqueeze(-1)).flatten(-2)
@@ -393,8 +393,8 @@ class KVCache:
                              f"max_seq_len {cfg.max_seq_len}")
         if slots < 1:
             raise CacheError(f"slots={slots}: must be at least 1")
-        if kv_fp8 and cfg.nope_head_dim % FP8_BLOCK:
-            raise CacheError(f"kv_fp8 needs head_dim - rope_head_dim divisible by {FP8_BLOCK}, "
+        if kv_fp8 and cfg.nope_head_dim % KV_FP8_BLOCK:
+            raise CacheError(f"kv_fp8 needs head_dim - rope_head_dim divisible by {KV_FP8_BLOCK}, "
                              f"got {cfg.nope_head_dim}")
         param = next(model.parameters())
         dtype = dtype or param.dtype
@@ -492,7 +492,7 @@ class KVCache:
 
     def used_bytes(self, slot: int, include_state: bool = False) -> int:
         """Bytes that slot's `length` tokens occupy in the main layers: the full window ring
-        (without slack), one entry per completed window; the formula of spec §9.3."""
+        (without slack), one entry per completed window."""
         length = int(self.lengths[slot])
         total = 0
         for cache in self.layers:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4.inference.cache import KVCache
+from dsv4.model.config import is_int, is_number
 from dsv4.model.network import Signals, Transformer
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -58,33 +59,25 @@ class SamplingParams:
     def check(self) -> None:
         """Raise ValueError naming the first out-of-range parameter."""
         checks = [
-            ("temperature", self.temperature, _is_number(self.temperature)
+            ("temperature", self.temperature, is_number(self.temperature)
              and math.isfinite(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0"),
-            ("top_p", self.top_p, _is_number(self.top_p) and 0 < self.top_p <= 1,
+            ("top_k", self.top_k, is_int(self.top_k) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", self.top_p, is_number(self.top_p) and 0 < self.top_p <= 1,
              "a number in (0, 1]"),
-            ("max_tokens", self.max_tokens, _is_int(self.max_tokens) and self.max_tokens >= 1,
+            ("max_tokens", self.max_tokens, is_int(self.max_tokens) and self.max_tokens >= 1,
              "an integer >= 1"),
-            ("seed", self.seed, self.seed is None or _is_int(self.seed), "an integer or None"),
+            ("seed", self.seed, self.seed is None or is_int(self.seed), "an integer or None"),
             ("stop_token_ids", self.stop_token_ids,
-             all(_is_int(t) for t in self.stop_token_ids), "a list of token ids"),
+             all(is_int(t) for t in self.stop_token_ids), "a list of token ids"),
             ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
             ("logprobs", self.logprobs, self.logprobs is None or (
-                _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+                is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
              f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r}: must be {expected}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def sample_params(params: SamplingParams, i: int) -> SamplingParams:
@@ -357,7 +350,7 @@ class Engine:
         if len(prompt) == 0:
             raise ValueError(f"{where} is empty: give at least one token")
         for i, token in enumerate(prompt):
-            if not _is_int(token) or not 0 <= token < self.cfg.vocab_size:
+            if not is_int(token) or not 0 <= token < self.cfg.vocab_size:
                 raise ValueError(f"{where}: token {i} = {token!r} is outside the vocabulary "
                                  f"[0, {self.cfg.vocab_size})")
         if len(prompt) >= self.capacity:
@@ -388,7 +381,7 @@ class Engine:
         is fed once: the samples are admitted together and copy its cache slot when its last
         chunk is in, then each draws its own tokens (with `params.seed`, sample i seeds
         `params.seed + i`)."""
-        if not _is_int(n) or not 1 <= n <= self.cache.slots:
+        if not is_int(n) or not 1 <= n <= self.cache.slots:
             raise ValueError(f"n={n!r}: must be an integer between 1 and max_batch "
                              f"({self.cache.slots}), the samples run side by side")
         if self.use_mtp and n > 1:
@@ -573,7 +566,7 @@ class Engine:
         if self.use_mtp:
             return self.propose(request)
         draft = self.draft_fn(request.prompt + request.output)
-        if not _is_int(draft) or not 0 <= draft < self.cfg.vocab_size:
+        if not is_int(draft) or not 0 <= draft < self.cfg.vocab_size:
             raise ValueError(f"draft_fn returned {draft!r}, not a token id in "
                              f"[0, {self.cfg.vocab_size})")
         return draft

@@ -2,7 +2,7 @@
 
     config.py     ModelConfig, the presets, config.json in every layout dsv4 reads
     network.py    the V4 network (Transformer): attention, mHC, MoE, MTP
-    kernels.py    FP8 / FP4 rounding and the Hadamard transform, in plain PyTorch
+    numerics.py   FP8 / FP4 rounding and the Hadamard transform, in plain PyTorch
     quant.py      the FP8 / FP4 block-scaled weight formats and the layers that keep them
     costs.py      analytic parameters, KV-cache bytes and FLOPs (no network built)
 """

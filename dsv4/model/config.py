@@ -19,7 +19,7 @@ from typing import Any
 from dsv4.errors import Error
 from dsv4.files import write_json_atomic
 
-# compress ratio -> attention kind (spec architecture.md §2)
+# compress ratio -> attention kind (official `compress_ratios`; V4 report: CSA and HCA)
 LAYER_KINDS = {0: "sliding", 4: "csa", 128: "hca"}
 HF_LAYER_TYPES = {
     0: "sliding_attention",
@@ -92,7 +92,8 @@ class ModelConfig:
     dtype: str = "fp8"
     expert_dtype: str = "fp4"
     scale_fmt: str | None = "ue8m0"
-    # QAT numerics simulation of spec §8 (FP8 KV, FP4 indexer): off by default
+    # QAT numerics simulation (FP8 KV, FP4 indexer; official `act_quant`, `fp4_act_quant`): off
+    # by default
     quant_sim: bool = False
     # Ablation switch (bench/train_mhc.py): a plain residual stream x + F(x) instead of mHC.
     # The mHC parameters stay in the model (unused), so state dicts keep their names.
@@ -103,7 +104,7 @@ class ModelConfig:
         if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
             raise ConfigError(f"compress_ratios={ratios!r}: must be a list of integers",
                               field="compress_ratios")
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+        if not all(is_int(r) for r in ratios):
             raise ConfigError(f"compress_ratios={list(ratios)!r}: entries must be integers",
                               field="compress_ratios")
         self.compress_ratios = list(ratios)
@@ -132,12 +133,6 @@ class ModelConfig:
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {msg}", field=name)
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         for name in (
             "vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
@@ -197,7 +192,7 @@ class ModelConfig:
                  f"cannot exceed the number of CSA entries at max_seq_len ({max_entries})")
 
     def _validate_quant_sim(self, need) -> None:
-        """The simulated FP8/FP4 blocks must tile the tensors they quantize (spec §8)."""
+        """The simulated FP8/FP4 blocks must tile the tensors they quantize."""
         need(self.nope_head_dim % 64 == 0, "head_dim",
              "quant_sim needs head_dim - rope_head_dim divisible by 64 (FP8 KV blocks)")
         size = self.index_head_dim
@@ -243,11 +238,11 @@ class ModelConfig:
         return parse_config_dict(data, source)
 
     def to_official_dict(self) -> dict[str, Any]:
-        """The HF-repo `config.json` the DeepSeek releases ship (spec §15.1)."""
+        """The HF-repo `config.json` the DeepSeek releases ship."""
         return _to_official(self)
 
     def to_inference_dict(self) -> dict[str, Any]:
-        """`inference/config.json`: the official `ModelArgs(**json)` can load it (spec §15.3)."""
+        """`inference/config.json`: the official `ModelArgs(**json)` can load it."""
         return _to_inference(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -303,12 +298,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # =========================================================================================
 #
 # One config, three spellings in circulation:
-#   official   the HF-repo `config.json` DeepSeek ships (spec §15.1): HF-style key names,
+#   official   the HF-repo `config.json` DeepSeek ships: HF-style key names,
 #              `compress_ratios` with n_layers + 1 entries, `rope_scaling`, `quantization_config`
 #              plus a top-level `expert_dtype`.
-#   inference  the reference code's `inference/config.json` (spec §15.3): the `ModelArgs` names
+#   inference  the reference code's `inference/config.json`: the `ModelArgs` names
 #              our fields mirror; unlisted fields fall back to the defaults.
-#   hf         what transformers' `DeepseekV4Config.save_pretrained` writes (spec §15.4):
+#   hf         what transformers' `DeepseekV4Config.save_pretrained` writes:
 #              `layer_types`, `mlp_layer_types`, `compress_rates`, nested `rope_parameters`,
 #              `partial_rotary_factor`, and no `compress_ratios` (the MTP slot then reads as 0,
 #              the value of both released models).
@@ -390,9 +385,10 @@ _HF_SPECIAL = {
 }
 # Runtime-only `ModelArgs` fields of the reference code (batch size of its static cache, scale
 # storage of its kernels), and `n_routed_experts_score`, found only in one third-party copy
-# of the Flash inference config (spec §15.3) and read by nothing.
+# of the Flash `inference/config.json` and read by nothing.
 _INFERENCE_IGNORED = {"max_batch_size", "scale_dtype", "n_routed_experts_score"}
-# The reference `ModelArgs` keys, in the order of spec §15.3 (then the ones it leaves out).
+# The reference `ModelArgs` keys, in the order of the Flash `inference/config.json` (then the
+# ones it leaves out).
 _INFERENCE_KEYS = (
     "vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
     "n_routed_experts", "n_shared_experts", "n_activated_experts", "score_func", "route_scale",
@@ -416,8 +412,14 @@ def _default(name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int and not a bool (True is an int to Python, never a count or a token id here)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -506,7 +508,7 @@ def _build(values: dict[str, Any], source: str, key_of: dict[str, str]) -> Model
     """Construct and validate; a validation error names the file and the file's own key."""
     for f in dataclasses.fields(ModelConfig):
         value = values.get(f.name)
-        if f.type == "float" and _is_int(value):
+        if f.type == "float" and is_int(value):
             values[f.name] = float(value)  # JSON writes 10000 for 10000.0
     try:
         return ModelConfig(**values)
@@ -579,7 +581,7 @@ def _hf_key_of_field(data: dict[str, Any]) -> dict[str, str]:
 def _read_rope_head_dim(data: dict[str, Any], values: dict[str, Any], source: str) -> None:
     # transformers stores the RoPE width as a fraction of head_dim, possibly in three places.
     head_dim = values.get("head_dim", _default("head_dim"))
-    if not _is_int(head_dim):
+    if not is_int(head_dim):
         return  # validation reports head_dim
     first = values.get("rope_head_dim")
     first_key = "qk_rope_head_dim"
@@ -700,7 +702,7 @@ def _read_nested_rope(params: dict[str, Any], values: dict[str, Any], source: st
 def _read_schedule(data: dict[str, Any], values: dict[str, Any], source: str) -> None:
     n_layers = values.get("n_layers", _default("n_layers"))
     n_mtp = values.get("n_mtp_layers", _default("n_mtp_layers"))
-    if not (_is_int(n_layers) and _is_int(n_mtp)):
+    if not (is_int(n_layers) and is_int(n_mtp)):
         return  # validation reports them
     _read_compress_rates(data, source)
     layer_types = data.get("layer_types")
@@ -724,7 +726,7 @@ def _read_schedule(data: dict[str, Any], values: dict[str, Any], source: str) ->
             at = f" at layer {where}" if where is not None else ""
             raise _key_error(source, "layer_types", f"contradicts 'compress_ratios'{at}")
     elif ratios is None:
-        # transformers' fallback schedule differs from the released models (spec §17.5).
+        # transformers' fallback schedule differs from the released models' config.json.
         raise ConfigError(f"{source}: key 'compress_ratios': missing (and no 'layer_types'); "
                           "the layer schedule must be given")
     mlp_types = data.get("mlp_layer_types")
@@ -791,7 +793,7 @@ def _read_quantization(data: dict[str, Any], values: dict[str, Any], source: str
     # transformers copies the top-level expert_dtype into quantization_config.
     expert = _agree(source, [("expert_dtype", top_expert),
                              ("quantization_config.expert_dtype", qc.get("expert_dtype"))])
-    values["expert_dtype"] = expert or "fp8"  # -Base checkpoints: FP8 experts (spec §14.1)
+    values["expert_dtype"] = expert or "fp8"  # -Base checkpoints: FP8 experts (their config.json)
 
 
 # ---- writers ----------------------------------------------------------------------------
@@ -804,7 +806,7 @@ def _quantization_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _to_official(cfg: ModelConfig) -> dict[str, Any]:
-    # Key order as shipped (spec §15.1), minus `transformers_version`, which would be a claim
+    # Key order as shipped, minus `transformers_version`, which would be a claim
     # about a tool that did not write this file.
     d: dict[str, Any] = {
         "architectures": ["DeepseekV4ForCausalLM"],

@@ -3,8 +3,8 @@
 Pure arithmetic on the config (no torch): `dsv4 info` and planning tools use it without
 loading the network, and tests check it against the network built on the meta device.
 
-Parameter shapes follow the on-disk checkpoint (spec architecture.md §14.2); the KV-cache
-accounting follows spec §9 (storage layouts §9.2, formula §9.3, FLOPs estimate §9.4).
+Parameter shapes follow the released checkpoints' tensors (`model.safetensors.index.json`); the
+KV-cache accounting follows the V4 report's KV-cache and inference-FLOPs comparisons.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from dsv4.model.config import LAYER_KINDS, ModelConfig
 
-# DeepSeek-V3.2 (MLA + DSA), the baseline the paper compares against (spec §9.2, §9.4).
+# DeepSeek-V3.2 (MLA + DSA), the baseline the V4 report compares against (KV cache, FLOPs).
 V32_LAYERS = 61
 V32_KV_LATENT = 512  # MLA compressed KV, FP8 in the production cache
 V32_ROPE_DIM = 64  # BF16
@@ -165,7 +165,7 @@ class KVLayout:
 
 
 def fp8_layout(cfg: ModelConfig) -> KVLayout:
-    """The production layout (spec §9.2): FP8 nope dims + BF16 rope dims + one UE8M0 scale
+    """The production layout (V4 report, KV cache): FP8 nope dims + BF16 rope dims + one UE8M0 scale
     byte per 64 nope dims, padded to an even size (512/64 -> 448 + 128 + 7 + 1 = 584 B);
     indexer keys FP4 E2M1 with one E8M0 scale per 32 values (128 -> 64 + 4 = 68 B)."""
     nope = cfg.head_dim - cfg.rope_head_dim
@@ -176,7 +176,7 @@ def fp8_layout(cfg: ModelConfig) -> KVLayout:
 
 
 def bf16_layout(cfg: ModelConfig) -> KVLayout:
-    """Everything in BF16 (vLLM's accounting, spec §9.3 cross-check (b))."""
+    """Everything in BF16 (vLLM's accounting, a cross-check)."""
     return KVLayout("bf16", 2 * cfg.head_dim, 2 * cfg.index_head_dim)
 
 
@@ -209,7 +209,8 @@ def layer_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def compressor_state_bytes(cfg: ModelConfig) -> int:
-    """Per-request fp32 compressor tails (spec §9.1): kv and gate rows not yet compressed.
+    """Per-request fp32 compressor tails (the official `Compressor`'s state): kv and gate rows
+    not yet compressed.
 
     CSA main [2*4, 2*head_dim], CSA indexer [2*4, 2*index_head_dim], HCA [128, head_dim],
     each twice (kv_state and score_state), as the reference keeps them.
@@ -222,7 +223,7 @@ def compressor_state_bytes(cfg: ModelConfig) -> int:
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, layout: str = "fp8") -> dict[str, Any]:
-    """Cache bytes of one sequence of `context` tokens (spec §9.3), main layers only (the
+    """Cache bytes of one sequence of `context` tokens, main layers only (the
     MTP block is left out, as in the paper's figures).
 
     total = L * n_win * B_kv (window ring, allocated whole) + N_CSA * floor(T/4) * (B_kv +
@@ -265,7 +266,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, layout: str = "fp8") -> dict[
 
 # ---- FLOPs -------------------------------------------------------------------------------
 def decode_flops_per_token(cfg: ModelConfig, context: int) -> dict[str, float]:
-    """Rough FLOPs to decode one token at position `context` (spec §9.4): 2 per active
+    """Rough FLOPs to decode one token at position `context` (as the V4 report counts): 2 per active
     parameter, plus attention 2 * n_heads * keys * 2 * head_dim per layer (scores and values),
     plus the indexer scan 2 * index_heads * index_dim * floor(T/4) per CSA layer; and the same
     for DeepSeek-V3.2 (37B active, top-2048 MLA over 576/512-dim latents, indexer over all T).

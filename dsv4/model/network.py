@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.config import ModelConfig
-from dsv4.model.kernels import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard_transform
+from dsv4.model.numerics import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard_transform
 
 # ---------------------------------------------------------------------------------------------
 # Norms

@@ -1,4 +1,4 @@
-"""The weight formats of the released checkpoints (spec architecture.md §14.1).
+"""The weight formats of the released checkpoints (their `quantization_config`, V4 report: FP4 QAT).
 
 * FP8 E4M3 with one E8M0 (power-of-two) scale per 128 x 128 block: attention projections,
   indexer `wq_b`, shared experts, MTP `e_proj/h_proj`. Weight `[out, in]` float8_e4m3fn, scale
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model.kernels import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
+from dsv4.model.numerics import FP4_E2M1_MAX, FP8_E4M3_MAX, e2m1_values, round_to_e2m1, ue8m0_scale
 
-FP8_BLOCK = 128  # weight blocks are FP8_BLOCK x FP8_BLOCK
+WEIGHT_FP8_BLOCK = 128  # FP8 weights: one scale per 128 x 128 block (the KV cache's are 64 wide)
 FP4_BLOCK = 32  # 1 x FP4_BLOCK along the input dim
 E8M0_BIAS = 127
 # Smallest scale we emit is 2^-126 (a normal fp32): an all-zero block still gets a valid scale.
@@ -75,7 +75,8 @@ def _unblocked(blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return blocks.reshape(*lead, rb * block, cb * block)[..., :rows, :cols]
 
 
-def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(weight: torch.Tensor,
+                 block: int = WEIGHT_FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [..., out, in] float -> (float8_e4m3fn [..., out, in], E8M0 [..., ceil(out/b),
     ceil(in/b)]).
 
@@ -93,7 +94,7 @@ def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Te
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
-                   block: int = FP8_BLOCK) -> torch.Tensor:
+                   block: int = WEIGHT_FP8_BLOCK) -> torch.Tensor:
     """(float8_e4m3fn [..., out, in], scale [..., ceil(out/b), ceil(in/b)]) -> dtype."""
     rows, cols = weight.shape[-2:]
     expected = (*weight.shape[:-2], -(-rows // block), -(-cols // block))
@@ -139,7 +140,7 @@ def quantize_fp4(weight: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Te
     ceil(in/block)]).
 
     Per 1 x block: scale = 2^ceil(log2(amax / 6)), values rounded to the E2M1 grid, ties to
-    the even code (`kernels.round_to_e2m1`). A partial last block is padded with zeros.
+    the even code (`numerics.round_to_e2m1`). A partial last block is padded with zeros.
     """
     if weight.dim() < 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_fp4: expected a float matrix, got {weight.dtype} "
@@ -165,7 +166,7 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
     return (values * s).to(dtype)
 
 
-# ---- the lossless FP4 -> FP8 recast (spec §14.1) ---------------------------------------------
+# ---- the lossless FP4 -> FP8 recast (V4 report: FP4 QAT) ------------------------------------
 # An E2M1 value has at most two significant bits (1.5 = 1.1b), E4M3 has four, so
 # c * s is exact in FP8 units of S = max(s) / 64 as long as it does not fall below FP8's
 # subnormal step 2^-9: 6 * 64 = 384 <= 448 (no saturation) and 0.5 * 2^(6-d) >= 2^-9 for every
@@ -175,7 +176,7 @@ _FP4_TO_FP8_HEADROOM = 64.0
 
 
 def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-               block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+               block: int = WEIGHT_FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """FP4 (1x32 scales) -> FP8 E4M3 (128x128 E8M0 scales), losslessly; [..., out, in]."""
     exact = dequantize_fp4(packed, scale, in_features)  # fp32, exact
     blocks, rows, cols = _blocked(exact, block)

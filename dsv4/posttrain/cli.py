@@ -68,9 +68,9 @@ def _domain(name: str):
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from dsv4.posttrain.common import set_threads
+    from dsv4.runtime import set_threads
 
-    set_threads(args.threads)
+    set_threads(args.threads, all_cores=True)
     _load_domain_modules(args.domain_module)
 
 
@@ -164,8 +164,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def _add_grpo(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "grpo", help="GRPO on a verifiable domain (a specialist)",
-        description="Reinforcement learning with GRPO (spec training.md 3.3): groups of samples "
-                    "per prompt from the inference engine, 0/1 rewards from the domain's "
+        description="Reinforcement learning with GRPO (V4 report, post-training): groups of "
+                    "samples per prompt from the inference engine, 0/1 rewards from the domain's "
                     "checker, group-normalized advantages, clipped ratio to the engine's own "
                     "sampling log-probs, unbiased KL to a frozen reference, off-policy sequence "
                     "masking, Keep Routing and Keep Sampling Mask. Prints held-out accuracy "
@@ -230,7 +230,7 @@ def _teacher(text: str) -> tuple[str, str]:
 def _add_distill(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "distill", help="on-policy distillation of several teachers into one student",
-        description="Multi-teacher on-policy distillation (spec training.md 3.5): the student "
+        description="Multi-teacher on-policy distillation (V4 report, post-training): the student "
                     "samples each domain's prompts; the loss is the exact full-vocabulary "
                     "reverse KL(student || that domain's teacher) at every student-generated "
                     "position.")

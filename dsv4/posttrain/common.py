@@ -4,7 +4,6 @@ and batches of sampled sequences (rollouts) in the shapes the training forward t
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from dsv4.errors import Error
-from dsv4.files import write_json_atomic
+from dsv4.files import append_line, write_json_atomic
 from dsv4.model.network import Transformer
 from dsv4.tasks import (
     DEFAULT_MAX_TOKENS,
@@ -36,14 +35,6 @@ class PosttrainError(Error, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Models in and out
 # ---------------------------------------------------------------------------------------------
-
-
-def set_threads(threads: int | None) -> None:
-    """torch threads: the given number, else every core this process may use."""
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def load_model_and_tokenizer(path: str | os.PathLike[str]) -> tuple[Transformer, Any]:
@@ -99,16 +90,7 @@ class MetricsLog:
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 0.1x over the remaining steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            append_line(self.path, json.dumps(row))  # whole line or nothing, as pre-training
 
 
 def make_optimizer(model: Transformer, name: str, lr: float, weight_decay: float = 0.0,
@@ -130,10 +112,6 @@ def make_optimizer(model: Transformer, name: str, lr: float, weight_decay: float
 def set_lr(optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-
-
-def autocast(enabled: bool, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Multi-teacher on-policy distillation (spec training.md §3.5): one student, one teacher per
+"""Multi-teacher on-policy distillation (V4 report, post-training): one student, one teacher per
 domain, the exact full-vocabulary reverse KL on the student's own samples.
 
 One step: for each domain (samples are grouped by teacher, as V4 dispatches them), the student
@@ -28,13 +28,13 @@ from dsv4.options import option
 from dsv4.posttrain.common import (
     MetricsLog,
     PosttrainError,
-    autocast,
-    lr_factor,
     make_optimizer,
     rollout_batch,
     sample_rollouts,
     set_lr,
 )
+from dsv4.pretrain.optim import warmup_cosine
+from dsv4.runtime import bf16_autocast
 
 
 @dataclass
@@ -124,7 +124,8 @@ def run_distill(student, teachers: dict[str, Any], tokenizer, domains: dict[str,
     log = MetricsLog(out)
     bar = tqdm(range(cfg.steps), desc="distill", disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
-        set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps))
+        set_lr(optimizer, warmup_cosine(step, cfg.warmup_steps, cfg.warmup_steps, cfg.steps,
+                                            floor=0.1))
         row: dict[str, Any] = dict(step=step + 1)
         losses = {}
         window = slice(step * cfg.prompts_per_domain, (step + 1) * cfg.prompts_per_domain)
@@ -136,11 +137,11 @@ def run_distill(student, teachers: dict[str, Any], tokenizer, domains: dict[str,
         # One student forward over every domain's samples (fewer, larger ops than one per
         # domain; right padding changes no real position), each domain's rows to its teacher.
         batch = rollout_batch(rollouts, student.cfg.vocab_size, pad_id).to(device)
-        with autocast(cfg.bf16, device):
+        with bf16_autocast(cfg.bf16, device):
             student_logits = student(batch.input_ids, routing=batch.routing)
         for index, name in enumerate(names):
             rows = slice(index * cfg.prompts_per_domain, (index + 1) * cfg.prompts_per_domain)
-            with torch.no_grad(), autocast(cfg.bf16, device):
+            with torch.no_grad(), bf16_autocast(cfg.bf16, device):
                 teacher_logits = teachers[name](batch.input_ids[rows])
             losses[name] = reverse_kl(student_logits[rows], teacher_logits, batch.mask[rows])
             row[f"kl_{name}"] = float(losses[name].detach())

@@ -1,4 +1,4 @@
-"""GRPO for a domain specialist (spec training.md §3.3), with the V3.2 stabilisers.
+"""GRPO for a domain specialist (V4 report, post-training), with the V3.2 stabilisers.
 
 One step:
 
@@ -20,22 +20,16 @@ Only the groups whose rewards differ are trained on (a group that all passed or 
 zero advantage and would only add to the KL term): at 80-90% accuracy most groups are
 uninformative, so this is what makes a large Q affordable.
 
-Defaults (our choice; V4 publishes none, R1's are for a 671B model), picked from runs on the
-built-in domains at nano size: Q = 128 prompts x G = 8 samples per step for 30 steps, rollout
-temperature 0.7 (closer to the greedy answers that are evaluated) with no top-k/top-p, ε = 0.2,
-β = 0.01, δ = 0.5, AdamW at lr 3e-5 with eps 1e-8, two mini-batch updates per rollout batch
-(the second is off-policy, where the clip and the mask act). Training forwards run in fp32, the
-precision the engine sampled in, so r is exactly 1 on the first update. The gradient of a few
-groups is mostly noise (two independent Q = 16 batches: cosine ~0.1; Q = 64: ~0.5), and AdamW
-(like Muon) moves every parameter by about lr whatever the noise, so at Q = 16 any lr that
-learns faster than 1e-5 wrecked the SFT model (1e-4: reward 0.28 -> 0.16 within 15 steps). In
-`dsv4 posttrain` (1000 held-out problems): sum 0.440 -> 0.555, sort 0.937 -> 0.966, expr 0.918
--> 0.945. RL sharpens what the policy already samples: when expr was answered in one step, its
-errors were list indexing made with confidence (only ~20% of groups had mixed rewards, even at
-temperature 1.0), and lr 1e-4 to 3e-4, Muon, Q = 256 and a longer SFT first all left it flat
-(0.814 -> 0.813). Answered in think mode (`tasks.Expression`: count along the list, then
-answer), its errors are slips in the reasoning that other samples of the group avoid, and GRPO
-improves every form (index 0.85 -> 0.90, max 0.90 -> 0.93, min 0.93 -> 0.95).
+Defaults (our choice: V4 publishes none, R1's are for a 671B model; the runs behind them are in
+docs/LOG.md): Q = 128 prompts x G = 8 samples, 30 steps, temperature 0.7 with no top-k/top-p,
+ε = 0.2, β = 0.01, δ = 0.5, AdamW lr 3e-5 with eps 1e-8, two updates per rollout batch.
+- Large Q, small lr: the gradient of a few groups is mostly noise, and AdamW moves every
+  parameter by about lr whatever the noise.
+- fp32 training forwards: the precision the engine sampled in, so r is exactly 1 on the first
+  update.
+- Temperature 0.7: closer to the greedy answers that are evaluated.
+- Think mode for expr: its errors become slips that other samples of a group avoid, which GRPO
+  can fix; one-step answers failed with confidence and RL left them flat.
 """
 
 from __future__ import annotations
@@ -51,13 +45,13 @@ from dsv4.options import option
 from dsv4.posttrain.common import (
     MetricsLog,
     PosttrainError,
-    lr_factor,
     make_optimizer,
     policy_logprobs,
     rollout_batch,
     sample_rollouts,
     set_lr,
 )
+from dsv4.pretrain.optim import warmup_cosine
 
 
 @dataclass
@@ -182,7 +176,8 @@ def run_grpo(model, reference, tokenizer, domain, cfg: GRPOConfig,
                                response_text(tokenizer, r.generated, domain.thinking)))
             for i, r in enumerate(rollouts)]).view(len(group), cfg.group_size)
         advantages = group_advantages(rewards).flatten()
-        set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps))
+        set_lr(optimizer, warmup_cosine(step, cfg.warmup_steps, cfg.warmup_steps, cfg.steps,
+                                            floor=0.1))
         # A group whose samples all scored the same has zero advantage: it only adds to the KL
         # term, so train on the groups that carry signal (DAPO's dynamic sampling, minus the
         # re-sampling); a step without any is skipped.

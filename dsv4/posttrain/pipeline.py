@@ -1,4 +1,4 @@
-"""`dsv4 posttrain`: the V4 post-training recipe end to end (spec training.md §3.1).
+"""`dsv4 posttrain`: the V4 post-training recipe end to end (V4 report, post-training).
 
     [pretrain a fresh nano briefly, when no --from run is given]
     base        = SFT of the pretrained model on a mix of every domain
@@ -32,15 +32,14 @@ from typing import Any
 from dsv4.files import atomic_write, write_json_atomic
 from dsv4.options import option
 from dsv4.posttrain.common import (
-    PosttrainError,
     load_model_and_tokenizer,
     save_stage,
-    set_threads,
     stage_done,
 )
 from dsv4.posttrain.distill import DistillConfig
 from dsv4.posttrain.grpo import GRPOConfig
 from dsv4.posttrain.sft import SFTConfig
+from dsv4.runtime import set_threads
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "accuracy.png"
@@ -80,7 +79,7 @@ def run_posttrain(cfg: PosttrainConfig, log: Callable[[str], None] = print) -> d
     from dsv4.tasks import DOMAINS, get_domain
 
     started = time.time()
-    set_threads(cfg.threads)
+    set_threads(cfg.threads, all_cores=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(cfg.domains or DOMAINS)
@@ -294,9 +293,3 @@ def plot_accuracy(results: dict[str, Any], names: list[str], path: Path) -> Path
     plt.close(fig)
     return path
 
-
-def load_results(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / RESULTS_NAME
-    if not path.is_file():
-        raise PosttrainError(f"{path}: no results yet (run dsv4 posttrain --out {out})")
-    return json.loads(path.read_text())

@@ -27,11 +27,11 @@ from dsv4.options import option
 from dsv4.posttrain.common import (
     MetricsLog,
     PosttrainError,
-    autocast,
-    lr_factor,
     make_optimizer,
     set_lr,
 )
+from dsv4.pretrain.optim import warmup_cosine
+from dsv4.runtime import bf16_autocast
 
 IGNORE_INDEX = -100
 
@@ -227,8 +227,9 @@ def run_sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig,
             picked.append(examples[order.pop()])
         ids, targets, doc_ids = (t.to(device) for t in
                                  pack_examples(picked, cfg.seq_len, ratios, pad_id))
-        set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps))
-        with autocast(cfg.bf16, device):
+        set_lr(optimizer, warmup_cosine(step, cfg.warmup_steps, cfg.warmup_steps, cfg.steps,
+                                            floor=0.1))
+        with bf16_autocast(cfg.bf16, device):
             logits = model(ids, doc_ids=doc_ids)
         loss = sft_loss(logits, targets)
         loss.backward()

@@ -1,4 +1,4 @@
-"""Corpora -> token shards -> packed batches (spec training.md §2.3).
+"""Corpora -> token shards -> packed batches.
 
 1. `iter_documents(paths)`: text files, JSON lines / JSON arrays and Parquet files, or folders
    of them, as `Document(text, source)`. No paths: the embedded default corpus, the Python

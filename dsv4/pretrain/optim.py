@@ -1,4 +1,4 @@
-"""Muon + AdamW, the way DeepSeek-V4 trains (spec training.md §1).
+"""Muon + AdamW, the way DeepSeek-V4 trains (V4 report §3.4.1).
 
 Algorithm 1 of the paper, for every logically independent matrix W [n, m]:
 
@@ -13,13 +13,13 @@ mHC static biases and gating factors, the attention sinks and the compressors' p
 per kind and layout, each with "lr" and "base_lr") so one LR schedule scales them all and one
 `state_dict()` resumes them all.
 
-Decisions where the spec says "probably" or nothing (each is a [D] choice, tested):
-- What is one matrix: a stacked expert tensor [E, out, in] is E matrices (paper §3.4.1); the
+Decisions the report leaves open (each tested):
+- What is one matrix: a stacked expert tensor [E, out, in] is E matrices (V4 report §3.4.1); the
   grouped output projection `wo_a` [g*r, in] is g matrices [r, in]; an mHC generator `hc_*_fn`
   [(2+n)*n, n*d] is three, W_pre [n, n*d], W_post [n, n*d] and W_res [n*n, n*d], in the row order
   the model slices them (`HyperConnection.pre`). `hc_head_fn` [n, n*d] is one.
 - `ape` [ratio, width] is a bias added to the compressor's gate logits, not a map between spaces,
-  so it goes to AdamW (spec §1.1 says either is defensible).
+  so it goes to AdamW (the report does not say).
 - Weight decay 0.1 applies to every Muon matrix and to the AdamW embedding and head; the 1-D
   gains, biases, gates, sinks and `ape` get no decay (decaying a norm gain or an mHC gate toward 0
   fights its meaning; Megatron and nanoGPT do the same). `decay_vectors=True` decays them too.
@@ -30,8 +30,8 @@ FSDP2: parameters and gradients may be DTensors. Element-wise work runs on the l
 matrix that a shard cuts through is gathered (`full_tensor()`), orthogonalized identically on
 every rank, and each rank keeps its own shard of the result. A stacked expert tensor sharded on
 dim 0 holds whole expert matrices on every rank, so it is orthogonalized locally, no gather.
-(DeepSeek's knapsack assignment of whole matrices to ranks, spec §1.4, would remove the redundant
-work; at our sizes it is not worth the machinery.)
+(DeepSeek's knapsack assignment of whole matrices to ranks, in the V4 report, would remove the
+redundant work; at our sizes it is not worth the machinery.)
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# Hybrid Newton-Schulz schedule (spec §1.3): 8 fast steps, then 2 that pin singular values to 1.
+# Hybrid Newton-Schulz schedule (V4 report §3.4.1): 8 fast steps, then 2 that pin singular values
+# to 1.
 NS_FAST = (3.4445, -4.7750, 2.0315)
 NS_POLISH = (2.0, -1.5, 0.5)
 NS_FAST_STEPS = 8
@@ -69,7 +70,7 @@ def newton_schulz(g: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     values fast (they land in [0.68, 1.13]); 2 steps of (2, -1.5, 0.5), whose polynomial has
     p(1) = 1 and p'(1) = 0, pin them to 1 (within [1, 1.0005] for every singular value above
     1e-3 of the Frobenius norm). Leading dims are a batch: each matrix is its own problem.
-    `dtype`: the matmul dtype (bf16 is stable, paper §3.4.1); default g's dtype. The result
+    `dtype`: the matmul dtype (bf16 is stable, V4 report §3.4.1); default g's dtype. The result
     has g's dtype.
     """
     if g.ndim < 2:
@@ -157,7 +158,7 @@ def orthogonalize_many(tensors: list[Tensor], row_blocks: list[tuple[int, ...] |
                        dtypes: list[torch.dtype | None]) -> list[Tensor]:
     """`orthogonalize` for many tensors at once: logical matrices of the same shape (tall ones
     transposed to wide first, so [E, 256, 128] joins [E, 128, 256]) go through ONE batched
-    Newton-Schulz call (spec §1.4, "batched NS"). Same results as one call per tensor, up to
+    Newton-Schulz call ("batched NS"). Same results as one call per tensor, up to
     matmul rounding."""
     pieces = [_logical_matrices(t, blocks) for t, blocks in zip(tensors, row_blocks)]
     buckets: dict[tuple, list[tuple[int, int]]] = {}
@@ -311,7 +312,7 @@ def _row_blocks(group: dict) -> tuple[int, ...] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which parameter gets which optimizer (spec §1.1)
+# Which parameter gets which optimizer (V4 report, Muon: AdamW for embeddings, head, norms)
 # ---------------------------------------------------------------------------------------------
 
 ADAMW_MATRICES = ("embed", "head")  # modules whose weight matrix goes to AdamW, with decay
@@ -322,7 +323,7 @@ def _path(name: str) -> list[str]:
 
 
 def is_adamw_matrix(name: str) -> bool:
-    """The embedding and the output head: matrices that spec §1.1 gives to AdamW."""
+    """The embedding and the output head: matrices the report gives to AdamW."""
     parts = _path(name)
     return len(parts) >= 2 and parts[-2] in ADAMW_MATRICES and parts[-1] == "weight"
 
@@ -337,7 +338,7 @@ def is_adamw_vector(name: str, param: Tensor) -> bool:
 
 
 def is_adamw_param(name: str, param: Tensor) -> bool:
-    """True for what spec §1.1 gives AdamW, False for the matrices that Muon takes."""
+    """True for what the report gives AdamW, False for the matrices that Muon takes."""
     return is_adamw_matrix(name) or is_adamw_vector(name, param)
 
 
@@ -407,10 +408,23 @@ def param_groups(model: nn.Module, optimizer: str = "muon", lr: float = DEFAULT_
 def build_optimizer(model: nn.Module, name: str = "muon", lr: float = DEFAULT_LR,
                     weight_decay: float = WEIGHT_DECAY, decay_vectors: bool = False,
                     ns_dtype: torch.dtype | None = None) -> Muon:
-    """The training optimizer: "muon" (Muon for matrices + AdamW for the rest, spec §1) or
+    """The training optimizer: "muon" (Muon for matrices + AdamW for the rest) or
     "adamw" (AdamW for everything, the baseline). One object; every group has "lr", "base_lr"
     and "name"; an LR schedule sets group["lr"] = group["base_lr"] * factor."""
     if name not in ("muon", "adamw"):
         raise ValueError(f"optimizer {name!r}: must be 'muon' or 'adamw'")
     groups = param_groups(model, name, lr, weight_decay, decay_vectors)
     return Muon(groups, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)
+
+
+def warmup_cosine(step: int, warmup: int, decay_start: int, floor_step: int,
+                  floor: float) -> float:
+    """The LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup`
+    steps, 1 until `decay_start`, a cosine down to `floor` at `floor_step`, then `floor`.
+    Pre-training and every post-training stage use it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, floor_step - decay_start))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,4 +1,4 @@
-"""Pretraining, the V4 way (spec training.md §1-§2), in one process or under torchrun.
+"""Pretraining, the V4 way (V4 report, pre-training), in one process or under torchrun.
 
 One optimizer step:
 
@@ -12,10 +12,10 @@ One optimizer step:
 
 Schedules (all step counts are fixed when a run is created, in `train_config.json`):
 - LR: linear warm-up, constant, then cosine decay to `min_lr_ratio` (0.1) x peak, the shape of
-  spec §2.4. Steps past the planned end (`--resume --steps` beyond the original plan) stay at
-  the floor, so extending a run never re-warms it.
-- MTP loss weight 0.3, 0.1 from the step where the LR decay starts (spec §2.9).
-- Lightning Indexer (spec §2.5, our reading of V3.2's recipe, see `Attention.compressed`): for
+  the report's schedule. Steps past the planned end (`--resume --steps` beyond the original
+  plan) stay at the floor, so extending a run never re-warms it.
+- MTP loss weight 0.3, then 0.1 from the step where the LR decay starts (the V4 report's).
+- Lightning Indexer (our reading of V3.2's recipe, see `Attention.compressed`): for
   the first `dense_fraction` of the steps CSA layers attend every visible compressed entry
   (dense warm-up) while the indexer learns, from a KL loss toward the main attention's
   distribution over those entries, which entries matter; afterwards CSA attends only the
@@ -39,7 +39,6 @@ the tokens travel to them, dsv4/pretrain/parallel.py); checkpoints stay full nat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -69,6 +68,8 @@ from dsv4.files import (
 from dsv4.model.config import PRESETS, ModelConfig
 from dsv4.model.network import MoE, Routing, Signals, Transformer, rebuild_rope_tables
 from dsv4.options import option
+from dsv4.pretrain.optim import warmup_cosine
+from dsv4.runtime import bf16_autocast, set_threads
 
 IGNORE_INDEX = -100
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -126,14 +127,14 @@ class TrainConfig:
                                           default_text="70% of the steps")
     decay_end_step: int | None = option(None, "step where the decay reaches min_lr_ratio",
                                         default_text="the last step")
-    min_lr_ratio: float = option(0.1, "cosine decay to this x peak (spec §2.4)")
+    min_lr_ratio: float = option(0.1, "cosine decay to this x peak")
     mtp_weight: float = option(0.3, "MTP loss weight, then mtp_weight_decay once the LR decay "
-                               "starts (spec §2.9)")
+                               "starts")
     mtp_weight_decay: float = option(0.1, "MTP loss weight during the LR decay")
-    balance_loss_weight: float = option(1e-4, "sequence-wise balance loss (spec §2.7)")
-    bias_update_speed: float = option(1e-3, "loss-free balancing (spec §2.7)")
+    balance_loss_weight: float = option(1e-4, "sequence-wise balance loss (V3 report)")
+    bias_update_speed: float = option(1e-3, "loss-free balancing (V3 report)")
     indexer_loss_weight: float = option(1.0, "Lightning Indexer distillation loss weight")
-    dense_fraction: float = option(  # spec §2.5
+    dense_fraction: float = option(
         0.5, "share of the steps in which CSA layers attend every compressed entry while the "
         "indexer warms up; sparse top-k afterwards", metavar="F")
     sparse_start_step: int | None = option(None, "first sparse step",
@@ -207,20 +208,15 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (spec §2.4, §2.5, §2.9)
+# Schedules: LR, indexer warm-up, MTP weight
 # ---------------------------------------------------------------------------------------------
 
 
 def lr_factor(step: int, tc: TrainConfig) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based): linear warm-up, constant,
     cosine to min_lr_ratio between decay_start_step and decay_end_step, then the floor."""
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    if step < tc.decay_start_step:
-        return 1.0
-    span = max(1, tc.decay_end_step - 1 - tc.decay_start_step)
-    progress = min(1.0, (step - tc.decay_start_step) / span)
-    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, tc.warmup_steps, tc.decay_start_step, tc.decay_end_step - 1,
+                         floor=tc.min_lr_ratio)
 
 
 def mtp_weight(step: int, tc: TrainConfig) -> float:
@@ -252,7 +248,7 @@ def mtp_inputs_and_targets(
 def sequence_balance_loss(
     indices: torch.Tensor, scores: torch.Tensor, token_mask: torch.Tensor, n_experts: int
 ) -> torch.Tensor:
-    """Sequence-wise balance loss sum_i f_i P_i of spec §2.7, averaged over the rows.
+    """Sequence-wise balance loss sum_i f_i P_i (DeepSeek-V3 report), averaged over the rows.
 
     indices [B*S, k] chosen experts; scores [B*S, E] affinities (with grad); token_mask [B, S]
     real (non-pad) tokens. f_i = E/(k T) * #tokens routed to i, P_i = mean_t s_{i,t}/sum_j s_{j,t},
@@ -489,8 +485,7 @@ class Trainer:
 
     def __init__(self, tc: TrainConfig, resume: bool = False, log=print):
         self.tc, self.log = tc, log
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        set_threads(tc.threads)
         self.device = pick_device(tc.device)
         self.dist = init_distributed(self.device)
         self.out = Path(tc.out)
@@ -577,7 +572,7 @@ class Trainer:
         if self.dist.world_size > 1:
             parallelize(model, self.dist.mesh, expert_parallel=tc.expert_parallel)
         self.model = model
-        # Newton-Schulz in bf16 when training in bf16: stable (paper §3.4.1), 2x faster on CPU
+        # Newton-Schulz in bf16 when training in bf16: stable (V4 report §3.4.1), 2x faster on CPU
         ns_dtype = torch.bfloat16 if tc.autocast == "bf16" else None
         self.optimizer = build_optimizer(model, tc.optimizer, lr=tc.lr,
                                          weight_decay=tc.weight_decay, ns_dtype=ns_dtype)
@@ -665,9 +660,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def autocast(self):
-        if self.tc.autocast == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return bf16_autocast(self.tc.autocast == "bf16", self.device)
 
     def forward_losses(self, batch, mtp_w: float) -> dict[str, torch.Tensor]:
         """Summed losses of one micro-batch (sums, normalized by the caller) and counts."""
@@ -906,11 +899,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step_N: native model checkpoint + trainer state, then `latest` -> it.
         `latest` is replaced last (atomically), so it always names a complete checkpoint."""
-        from dsv4.weights.checkpoint import save
+        from dsv4.weights.checkpoint import mark_latest, run_checkpoint, save
 
         self._check_weights_savable()
-        checkpoints = self.out / "checkpoints"
-        folder = checkpoints / f"step_{self.step:06d}"
+        folder = run_checkpoint(self.out, self.step)
         plain = self._full_model()
         if self.dist.main:
             save(plain, folder, format="native", tokenizer=self.tokenizer)
@@ -921,8 +913,8 @@ class Trainer:
         save_torch_atomic(state, folder / self._trainer_state_name())
         self._barrier()
         if self.dist.main:
-            write_text_atomic(checkpoints / "latest", folder.name + "\n")
-            self._prune_checkpoints(checkpoints, keep=self.tc.keep_checkpoints)
+            mark_latest(folder)
+            self._prune_checkpoints(folder.parent, keep=self.tc.keep_checkpoints)
         self._barrier()
         return folder
 
@@ -1037,35 +1029,14 @@ def plot_metrics(run: str | os.PathLike[str]) -> Path | None:
 @torch.no_grad()
 def generate_samples(model: Transformer, tokenizer, prompts: Iterator[str] | tuple[str, ...],
                      max_tokens: int, temperature: float = 0.8, seed: int = 0) -> list[str]:
-    """Continue each prompt (the inference engine when it is available, else a plain loop
-    over the full forward)."""
+    """Continue each prompt with the inference engine."""
+    from dsv4.inference.engine import Engine, SamplingParams
+
     model.eval()
     encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    try:
-        from dsv4.inference.engine import Engine, SamplingParams
-
-        engine = Engine(model)
-        outputs = engine.generate(encoded, SamplingParams(temperature=temperature,
-                                                          max_tokens=max_tokens, seed=seed))
-    except ImportError:
-        outputs = [simple_generate(model, ids, max_tokens, temperature, seed, tokenizer.eos_id)
-                   for ids in encoded]
+    outputs = Engine(model).generate(encoded, SamplingParams(temperature=temperature,
+                                                             max_tokens=max_tokens, seed=seed))
     return [p + tokenizer.decode(out) for p, out in zip(prompts, outputs)]
-
-
-def simple_generate(model: Transformer, ids: list[int], max_tokens: int, temperature: float,
-                    seed: int, eos_id: int | None) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    device = model.embed.weight.device
-    out: list[int] = []
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([ids + out], device=device))[0, -1].float().cpu()
-        probs = (logits / max(temperature, 1e-6)).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=gen))
-        if token == eos_id:
-            break
-        out.append(token)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -391,15 +391,20 @@ class CompletionJob:
         return top
 
 
+async def start_stream(server: Server, request: Request, job, stream) -> StreamingResponse:
+    """Submit the job's prompts, then stream `stream(...)`'s events. Submitted here, before the
+    response starts, so a full queue is still a plain 429."""
+    stack = contextlib.AsyncExitStack()
+    handle, done = await stack.enter_async_context(
+        generations(server, request, job.engine_prompts, job.engine_params))
+    return StreamingResponse(stream(server, request, job, handle, done, stack),
+                             media_type="text/event-stream")
+
+
 async def serve_completion(server: Server, request: Request, parsed: CompletionRequest):
     job = await asyncio.to_thread(CompletionJob, server, parsed)  # tokenizing: off the loop
     if parsed.stream:
-        # Submitted here, before the response starts, so a full queue is still a plain 429.
-        stack = contextlib.AsyncExitStack()
-        handle, done = await stack.enter_async_context(
-            generations(server, request, job.engine_prompts, job.engine_params))
-        return StreamingResponse(stream_completion(server, request, job, handle, done, stack),
-                                 media_type="text/event-stream")
+        return await start_stream(server, request, job, stream_completion)
     async with generations(server, request, job.engine_prompts, job.engine_params) as (handle,
                                                                                      done):
         try:
@@ -454,6 +459,16 @@ def merge_logprobs(first: dict | None, second: dict) -> dict:
     return {key: first[key] + second[key] for key in first}
 
 
+def stream_end(server: Server, job, obj: str, rid: str, created: int) -> list[str]:
+    """The last events of a stream: a usage chunk when the request asked for one, then [DONE]."""
+    end = [sse("[DONE]")]
+    if job.parsed.include_usage:
+        end.insert(0, sse({"id": rid, "object": obj, "created": created,
+                           "model": server.served_model, "choices": [],
+                           "usage": usage(job.prompt_tokens(), job.completion_tokens())}))
+    return end
+
+
 async def stream_completion(server: Server, request: Request, job: CompletionJob,
                             handle: Handle, done: list, stack: contextlib.AsyncExitStack
                             ) -> AsyncIterator[str]:
@@ -486,11 +501,8 @@ async def stream_completion(server: Server, request: Request, job: CompletionJob
                 if text or logprobs or choice.finished:
                     yield chunk(k, text, choice.finish_reason, logprobs)
             done[0] = True
-            if parsed.include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created,
-                           "model": server.served_model, "choices": [],
-                           "usage": usage(job.prompt_tokens(), job.completion_tokens())})
-            yield sse("[DONE]")
+            for line in stream_end(server, job, "text_completion", rid, created):
+                yield line
         except ClientGone:
             return
         except APIError as err:
@@ -564,11 +576,7 @@ class ChatJob:
 async def serve_chat(server: Server, request: Request, parsed: ChatRequest):
     job = await asyncio.to_thread(ChatJob, server, parsed)  # encoding, tokenizing: off the loop
     if parsed.stream:
-        stack = contextlib.AsyncExitStack()
-        handle, done = await stack.enter_async_context(
-            generations(server, request, job.engine_prompts, job.engine_params))
-        return StreamingResponse(stream_chat(server, request, job, handle, done, stack),
-                                 media_type="text/event-stream")
+        return await start_stream(server, request, job, stream_chat)
     async with generations(server, request, job.engine_prompts, job.engine_params) as (handle,
                                                                                      done):
         try:
@@ -618,11 +626,8 @@ async def stream_chat(server: Server, request: Request, job: ChatJob, handle: Ha
                         logprobs = {"content": job.token_logprobs(k, job.logprobs_sent[k])}
                     yield chunk(k, {}, choice.finish_reason, logprobs, choice.problems)
             done[0] = True
-            if parsed.include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                           "model": server.served_model, "choices": [],
-                           "usage": usage(job.prompt_tokens(), job.completion_tokens())})
-            yield sse("[DONE]")
+            for line in stream_end(server, job, "chat.completion.chunk", rid, created):
+                yield line
         except ClientGone:
             return
         except APIError as err:

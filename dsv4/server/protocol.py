@@ -5,11 +5,12 @@ error body naming the parameter ({"error": {"message", "type", "param", "code"}}
 FastAPI's 422 shape. Unknown parameters are refused (400) rather than silently ignored, except
 a few that change nothing here (`user`, `metadata`, `store`, ...).
 
-Reasoning modes (spec training.md §3.2): `reasoning_effort` none turns thinking off; the other
-efforts (minimal, low, medium, high, xhigh, max) turn it on and go to the chat encoding as they
-are (`dsv4.text.chat.encode_chat` decides what each adds to the prompt). A `thinking` switch is also
-accepted: `true`/`false`, DeepSeek's `{"type": "enabled" | "disabled"}`, or
-`chat_template_kwargs: {"thinking": bool}`. With neither, a request is non-think.
+Reasoning modes (V4 report: Non-think, Think High, Think Max): `reasoning_effort` none turns
+thinking off; the other efforts (minimal, low, medium, high, xhigh, max) turn it on and go to
+the chat encoding as they are (`dsv4.text.chat.encode_chat` decides what each adds to the
+prompt). A `thinking` switch is also accepted: `true`/`false`, DeepSeek's
+`{"type": "enabled" | "disabled"}`, or `chat_template_kwargs: {"thinking": bool}`. With neither,
+a request is non-think.
 `response_format` (text, json_object, json_schema, regex) adds the official prompt section; the
 output itself is not constrained.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from dsv4.model.config import is_int
 
 NON_THINK_EFFORTS = ("none",)
 THINK_EFFORTS = ("minimal", "low", "medium", "high", "xhigh", "max")
@@ -92,10 +95,6 @@ class ChatRequest:
 
 
 # ---- type checks ---------------------------------------------------------------------------
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _number(body: dict, name: str, default: float, low: float, high: float,
             low_open: bool = False) -> float:
     value = body.get(name)
@@ -114,7 +113,7 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int | N
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value):
+    if not is_int(value):
         raise bad(name, f"expected an integer, got {value!r}", "invalid_type")
     if value < low or (high is not None and value > high):
         limit = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -235,7 +234,7 @@ def _prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
     if prompt is None:
         raise bad("prompt", "missing", "missing_required_parameter")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                   and all(_is_int(t) for t in prompt)):
+                                   and all(is_int(t) for t in prompt)):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt:
         prompts = prompt
@@ -248,7 +247,7 @@ def _prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
             if not item:
                 raise bad(where, "empty: give some text")
             continue
-        if not isinstance(item, list) or not item or not all(_is_int(t) for t in item):
+        if not isinstance(item, list) or not item or not all(is_int(t) for t in item):
             raise bad(where, f"expected a non-empty string or list of token ids, got {item!r:.80}",
                       "invalid_type")
         outside = [t for t in item if not 0 <= t < vocab_size]

@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 chat encodings and the parser back from completion text (spec training.md §6).
+"""The DeepSeek-V4 chat encodings (official `encoding_dsv4.py`) and the parser back from text.
 
 V4 ships no Jinja template. Two encodings, chosen by name (`ENCODINGS`):
 
@@ -71,8 +71,8 @@ TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
 INVOKE_CLOSE = f"</{DSML}invoke>"
 PARAMETER_CLOSE = f"</{DSML}parameter>"
 
-# Spec §3.2 (paper Table 3), laid out as the official encoder does: one sentence per line and a
-# blank line before the first message.
+# The V4 report's reasoning-effort table, laid out as the official encoder does: one sentence
+# per line and a blank line before the first message.
 THINK_MAX_INSTRUCTION = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
     "You MUST be very thorough in your thinking and comprehensively decompose the problem to "
@@ -665,7 +665,8 @@ def encode_chat_pieces(messages: list[dict], *, thinking: bool = False,
         raise ValueError(f"messages[{len(messages) - 1}]: the conversation ends with an "
                          "assistant message; set \"prefix\": true on it to have it continued, "
                          "or end with a user or tool message")
-    # Interleaved thinking (spec §3.6): with tools defined, reasoning is kept in every turn.
+    # Interleaved thinking (V4 report, agentic post-training): with tools defined, reasoning is
+    # kept in every turn.
     drop = drop_thinking and not any(t.tools for t in turns)
     if thinking and drop and encoding == "v4-preview":
         # Earlier turns' reasoning is dropped, and so are developer messages before the last

@@ -1,9 +1,9 @@
 """Tokenizers: V4's special tokens, loading any `tokenizer.json`, training a byte-level BPE.
 
-DeepSeek-V4 uses V3's byte-level BPE (spec training.md §6): BOS `<｜begin▁of▁sentence｜>` is id 0,
-EOS `<｜end▁of▁sentence｜>` id 1. The special strings use the fullwidth bar "｜" (U+FF5C) and
-"▁" (U+2581). A tokenizer trained here puts `SPECIAL_TOKENS` first, in list order (BOS 0, EOS 1,
-PAD 2 as in V3), then the 256 byte tokens, then the merges.
+DeepSeek-V4 uses V3's byte-level BPE (the released `tokenizer.json`): BOS
+`<｜begin▁of▁sentence｜>` is id 0, EOS `<｜end▁of▁sentence｜>` id 1. The special strings use the
+fullwidth bar "｜" (U+FF5C) and "▁" (U+2581). A tokenizer trained here puts `SPECIAL_TOKENS`
+first, in list order (BOS 0, EOS 1, PAD 2 as in V3), then the 256 byte tokens, then the merges.
 
 Decision on DSML: the tool-call markup `<｜DSML｜tool_calls>`, `<｜DSML｜invoke name="...">`,
 `<｜DSML｜parameter ...>` is spelled with a prefix, not with whole-tag tokens, so the prefix
@@ -39,7 +39,7 @@ LATEST_REMINDER = "<｜latest_reminder｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 DSML = "｜DSML｜"  # prefix of the tool-call tags, see the module docstring
-# Quick-instruction task tokens (training.md §6; `extracted_url` appears in the paper's table).
+# Quick-instruction task tokens (`encoding_dsv4.py`; `extracted_url` is in the V4 report's table).
 TASK_TOKENS = [
     "<｜action｜>", "<｜query｜>", "<｜authority｜>", "<｜domain｜>", "<｜title｜>",
     "<｜read_url｜>", "<｜extracted_url｜>",

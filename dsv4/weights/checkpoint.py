@@ -1,18 +1,19 @@
 """Checkpoints: save and load a `Transformer` in three layouts, lazily and shard by shard.
 
-Layouts (spec architecture.md §14), auto-detected from the tensor names:
+Layouts, auto-detected from the tensor names:
 
 * native    our own: `config.json` holding every ModelConfig field (`cfg.to_dict()`), and
             `model.safetensors` with `model.state_dict()` names (routed experts stacked
             `[E, out, in]`, the `tid2eid` buffers, MTP), in the dtypes the model had.
-* official  DeepSeek's release layout (§14.2): no `model.` prefix, routed experts one tensor per
-            expert (`layers.L.ffn.experts.{e}.w1.weight`), FP8 E4M3 weights with 128x128 E8M0
+* official  DeepSeek's release layout (the HF repos' `model.safetensors.index.json`): no
+            `model.` prefix, routed experts one tensor per expert
+            (`layers.L.ffn.experts.{e}.w1.weight`), FP8 E4M3 weights with 128x128 E8M0
             `.scale` tensors, FP4 E2M1 routed experts packed two per byte with 1x32 E8M0 scales
             (`quant.py`); the official `config.json` (its `expert_dtype` decides the experts'
             encoding, `quantization_config` the rest).
 * hf        transformers: what `DeepseekV4ForCausalLM.save_pretrained` writes (the official
             names with a `model.` prefix, see `convert.hf_saved_name`), and on reading also the
-            runtime names of §14.3 (`model.layers.L.self_attn...`, stacked `gate_up_proj`).
+            runtime names (`model.layers.L.self_attn...`, stacked `gate_up_proj`).
 
 Every layout may be sharded: `model-0000i-of-0000n.safetensors` plus
 `model.safetensors.index.json`. A run directory (`dsv4 train`) holds
@@ -229,9 +230,6 @@ class SafetensorsFolder:
             raw = raw.clone()
         return raw.view(dtype).reshape(info.shape)
 
-    def close(self) -> None:
-        """Nothing stays open between calls; kept for symmetry with file-like readers."""
-
 
 def _save_file_atomic(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
@@ -304,7 +302,7 @@ def write_sharded(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],
 # =============================================================================================
 # layouts: how each of our state-dict tensors is stored in each format
 # =============================================================================================
-# Storage classes of the released checkpoints (spec §14.1).
+# Storage classes of the released checkpoints (their `quantization_config`).
 _FP8_CLASS = re.compile(
     r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]"
     r"|(^|\.)[eh]_proj)\.weight$")
@@ -349,7 +347,7 @@ class Piece:
             return self.shape, None
         *lead, rows, cols = self.shape
         if self.encoding == "fp8":
-            b = quant.FP8_BLOCK
+            b = quant.WEIGHT_FP8_BLOCK
             return self.shape, (*lead, -(-rows // b), -(-cols // b))
         if self.encoding == "fp4":
             return (*lead, rows, -(-cols // 2)), (*lead, rows, -(-cols // quant.FP4_BLOCK))
@@ -380,7 +378,7 @@ def layout(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], fmt: str) -> li
     """The pieces of `fmt` for a model whose state-dict shapes are `shapes`.
 
     fmt: "native", "official", "hf" (what save_pretrained writes) or "hf-runtime" (the
-    transformers parameter names, §14.3; read only).
+    transformers parameter names; read only).
     """
     from dsv4.weights.convert import hf_runtime_name, hf_saved_name
 
@@ -473,15 +471,25 @@ def find_tokenizer(path: str | os.PathLike[str]) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def run_checkpoint(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """Where a run directory keeps the checkpoint of `step`: `RUN/checkpoints/step_{step:06d}`."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def mark_latest(folder: Path) -> None:
+    """Point `checkpoints/latest` at the checkpoint `folder` inside it. Call it last, once the
+    folder is complete: the atomic write means `latest` always names a whole checkpoint."""
+    write_text_atomic(folder.parent / LATEST_NAME, folder.name + "\n")
+
+
 def save_to_run(model: Transformer, run_dir: str | os.PathLike[str], step: int,
                 tokenizer: Tokenizer | None = None, **save_kwargs: Any) -> Path:
     """Save a native checkpoint as `RUN/checkpoints/step_{step:06d}` and point
     `RUN/checkpoints/latest` at it (written last, atomically)."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    folder = save(model, checkpoints / f"step_{step:06d}", format="native",
-                  tokenizer=tokenizer, **save_kwargs)
-    write_text_atomic(checkpoints / LATEST_NAME, folder.name + "\n")
+    folder = run_checkpoint(run_dir, step)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    save(model, folder, format="native", tokenizer=tokenizer, **save_kwargs)
+    mark_latest(folder)
     return folder
 
 
@@ -701,7 +709,6 @@ def load_plan(p: CheckpointPlan, dtype: str | torch.dtype | None = None,
                                      _id_bound(piece.target, p.config))
                 bar.update()
     finally:
-        p.files.close()
         bar.close()
     _install(model, targets, device)
     for name, parts in raw.items():
@@ -1092,7 +1099,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, *
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
     """Convert a checkpoint to layout `to` (native, official, hf). The tokenizer.json comes
     along. Official FP4 experts -> official FP8 experts is done tensor by tensor (the lossless
-    recast of spec §14.1); everything else goes through a model in memory."""
+    recast of `quant.py`); everything else goes through a model in memory."""
     if to not in FORMATS:
         raise CheckpointError(f"to={to!r}: must be one of {list(FORMATS)}")
     source = plan(src)
@@ -1136,8 +1143,5 @@ def recast_fp4_to_fp8(source: CheckpointPlan, dst: Path, tokenizer: Path | None,
             else:
                 yield name, source.files.get(name).clone()
 
-    try:
-        return _write_folder(dst, cfg, "official", tensors(), tokenizer, max_shard_bytes,
-                             len(source.files.infos), progress, dtype_label="bfloat16")
-    finally:
-        source.files.close()
+    return _write_folder(dst, cfg, "official", tensors(), tokenizer, max_shard_bytes,
+                         len(source.files.infos), progress, dtype_label="bfloat16")

@@ -120,7 +120,7 @@ def format_info(report: dict[str, Any]) -> str:
     f = report["decode_flops_per_token"]
     lines += [
         "",
-        f"Decode FLOPs per token at position {t:,} (rough, spec §9.4)",
+        f"Decode FLOPs per token at position {t:,} (rough)",
         f"  total {format_flops(f['total'])} = linear {format_flops(f['linear'])} + attention "
         f"{format_flops(f['attention'])} + indexer {format_flops(f['indexer'])}",
         f"  {f['ratio_vs_v32']:.1%} of DeepSeek-V3.2 ({format_flops(f['v32_total'])})",

@@ -1,4 +1,4 @@
-"""Map state dicts between dsv4 names and transformers' `DeepseekV4ForCausalLM` names (spec §14.3).
+"""Map state dicts between dsv4 names and transformers' `DeepseekV4ForCausalLM` names.
 
 dsv4 uses the official checkpoint names, with routed experts stacked per layer
 (`layers.L.ffn.experts.w1 [E, inter, dim]`). transformers additionally stacks gate and up into
@@ -170,23 +170,16 @@ def hf_runtime_name(name: str) -> tuple[str, int | None] | None:
 
 
 # What `DeepseekV4ForCausalLM.save_pretrained` (transformers 5.x) writes: its conversion mapping
-# runs backwards on save, which restores the official names (§14.2) with routed experts split
+# runs backwards on save, which restores the official names with routed experts split
 # per expert, but leaves a `model.` prefix on everything except `head.weight`, renames the top
 # level like the runtime names, and turns the attention's `kv_norm` into `norm` (the inverse of
 # the compressor's `norm -> kv_norm`). Checked against a real save in tests/test_convert.py.
-_SAVED_TOP: dict[str, str] = {
-    "embed.weight": "model.embed_tokens.weight",
-    "head.weight": "head.weight",
-    "norm.weight": "model.norm.weight",
-    "hc_head_fn": "model.hc_head.hc_fn",
-    "hc_head_base": "model.hc_head.hc_base",
-    "hc_head_scale": "model.hc_head.hc_scale",
-}
+_SAVED_TOP: dict[str, str] = {**_TOP_RULES, "head.weight": "head.weight"}
 _KV_NORM = re.compile(r"^(layers\.\d+\.attn\.)kv_norm\.")
 
 
 def hf_saved_name(official_name: str) -> str:
-    """The name `save_pretrained` gives a tensor whose official (§14.2) name is given.
+    """The name `save_pretrained` gives a tensor whose official name is given.
     `mtp.*` keeps its official name (transformers ignores it on load; vLLM reads it)."""
     if official_name in _SAVED_TOP:
         return _SAVED_TOP[official_name]

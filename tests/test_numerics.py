@@ -1,4 +1,4 @@
-"""Tests for dsv4.model.kernels: FP8/FP4 round trips and the Hadamard transform.
+"""Tests for dsv4.model.numerics: FP8/FP4 round trips and the Hadamard transform.
 
 The round trips are checked bit for bit against a slow, independent reference that picks the
 nearest value from an explicit code table (ties to the even code) with a float64 power-of-two
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dsv4.model.kernels import (
+from dsv4.model.numerics import (
     e2m1_values,
     fp4_e2m1_roundtrip,
     fp8_e4m3_roundtrip,

@@ -1,8 +1,8 @@
-"""Pure-torch reference kernels: the numerics the official reference simulates in attention.
+"""The numerics of the official kernels in plain PyTorch: FP8 / FP4 round trips, Hadamard rotation.
 
 The official inference code runs these as TileLang / CUDA kernels (`act_quant`, `fp4_act_quant`,
 `rotate_activation`). Here they are plain torch, work on any float dtype on CPU and CUDA, and
-return the input dtype (spec architecture.md §8):
+return the input dtype:
 
 * `fp8_e4m3_roundtrip`: window / compressed KV, first 448 dims, blocks of 64, UE8M0 scale.
 * `fp4_e2m1_roundtrip`: indexer q and keys after the Hadamard rotation, blocks of 32, E8M0 scale.
@@ -25,7 +25,7 @@ FP8_AMAX_FLOOR = 1e-4
 # kernel: an all-tiny block keeps its relative precision instead of collapsing to zero.
 FP4_AMAX_FLOOR = 6.0 * 2.0**-126
 
-# Magnitudes of the eight E2M1 codes 0..7 (bit 3 of a nibble is the sign), spec §14.1.
+# Magnitudes of the eight E2M1 codes 0..7 (bit 3 of a nibble is the sign), the OCP MX E2M1 grid.
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 

@@ -22,6 +22,7 @@ from fractions import Fraction
 
 from dsv4.evaluate.backends import EvalError
 from dsv4.evaluate.formats import read_rows, text_field
+from dsv4.model.config import is_number
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -89,7 +90,7 @@ def parse_row(row: dict, where: str) -> MathItem:
             break
     if raw is None:
         text_field(row, ("answer", "solution", "final_answer", "target"), where, "answer")
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+    if is_number(raw):
         raw = str(raw)
     if not isinstance(raw, str) or not raw.strip():
         raise EvalError(f"{where}: answer must be a non-empty string or number, got {raw!r:.60}")
