@@ -47,7 +47,7 @@ from dsv4.model.numerics import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard
 
 
 class RMSNorm(nn.Module):
-    """Weighted RMSNorm computed in fp32 (spec §13), result in the input dtype."""
+    """Weighted RMSNorm computed in fp32 (the official `RMSNorm`), result in the input dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -70,7 +70,7 @@ class Linear(nn.Linear):
     """A bias-free linear layer whose weights ship in FP8 in the official checkpoints.
 
     With `quant_sim` its input is FP8-quantized per 1x128 block first, as the reference's
-    FP8 GEMM does (spec §8); otherwise it is a plain `nn.Linear`.
+    FP8 GEMM does (the official `act_quant`); otherwise it is a plain `nn.Linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, quant_sim: bool = False):
@@ -82,12 +82,12 @@ class Linear(nn.Linear):
 
 
 def act_quant(x: torch.Tensor) -> torch.Tensor:
-    """FP8 round trip of activations in 1x128 blocks along the input dim (spec §8)."""
+    """FP8 round trip of activations in 1x128 blocks along the input dim (official `act_quant`)."""
     return fp8_e4m3_roundtrip(x, block=128)
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE with per-layer tables (spec §4.2)
+# RoPE with per-layer tables (YaRN scaling on the compressed layers, as the official config)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -142,7 +142,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# mHC: manifold-constrained hyper-connections (spec §10)
+# mHC: manifold-constrained hyper-connections (V4 report: mHC; the official `hc_pre`/`hc_post`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -265,7 +265,7 @@ def hc_params(module: nn.Module, prefix: str, cfg: ModelConfig, rows: int) -> No
 
 
 # ---------------------------------------------------------------------------------------------
-# Compressor (CSA ratio 4 with overlapping windows, HCA ratio 128) — spec §6.1, §7
+# Compressor (CSA ratio 4 with overlapping windows, HCA ratio 128; the official `Compressor`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -357,7 +357,8 @@ class Compressor(nn.Module):
         self, x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
         doc_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entries of a packed row, compressing each document on its own (spec §3.4.3).
+        """Entries of a packed row, compressing each document on its own (packed documents never
+        see each other).
 
         x: [B, S, dim]; positions: [B, S] document-relative; doc_ids: [B, S].
         Returns (entries [B, n, D], entry_doc [B, n], entry_ok [B, n] bool). A window holding
@@ -385,7 +386,7 @@ class Compressor(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Lightning Indexer (CSA layers) — spec §6.2
+# Lightning Indexer (CSA layers; V4 report: CSA, the official `Indexer`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -428,7 +429,8 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg, ratio=4, head_dim=cfg.index_head_dim)
 
     def simulate_fp4(self, x: torch.Tensor) -> torch.Tensor:
-        """Hadamard rotation + FP4 round trip of indexer q/k (QAT numerics, spec §8)."""
+        """Hadamard rotation + FP4 round trip of indexer q/k (QAT numerics, as the official
+        indexer's `rotate_activation` and `fp4_act_quant`)."""
         return fp4_e2m1_roundtrip(hadamard_transform(x)) if self.quant_sim else x
 
     def queries(self, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -497,7 +499,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Core attention: sliding window + compressed entries, one softmax with a sink (spec §4.3)
+# Core attention: sliding window + compressed entries, one softmax with a sink (V4 report)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -624,7 +626,7 @@ class Attention(nn.Module):
         self.indexer_mode = "sparse"  # or "dense": attend every visible compressed entry
 
     def simulate_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        """FP8 round trip (blocks of 64) of the non-RoPE dims of a KV entry (spec §8)."""
+        """FP8 round trip (blocks of 64) of the non-RoPE dims of a KV entry (the V4 KV cache)."""
         if not self.cfg.quant_sim:
             return x
         nope = self.head_dim - self.cfg.rope_head_dim
@@ -660,7 +662,7 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed entries [B, C, D] and which of them each query attends [B, S, C].
 
-        Indexer training (spec training.md §2.5, following V3.2's DSA recipe; our decision):
+        Indexer training (V4 report, following V3.2's DSA recipe; the schedule is our decision):
         - `indexer_mode = "dense"` (the warm-up): a CSA layer attends every visible compressed
           entry, like HCA; the indexer still scores them.
         - `indexer_mode = "sparse"`: attention uses the indexer's top-k (the released model).
@@ -774,7 +776,7 @@ def indexer_kl_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# MoE: sqrt-softplus router, hash routing, clamped SwiGLU experts (spec §11)
+# MoE: sqrt-softplus router, hash routing, clamped SwiGLU experts (the official `Gate`/`Expert`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1022,7 +1024,7 @@ class Block(nn.Module):
 
 
 class MTPBlock(Block):
-    """Depth-1 multi-token prediction (spec §12): predicts token t+2 from the main model's final
+    """Depth-1 multi-token prediction (as in V3): predicts token t+2 from the main model's final
     4-stream state at t and the embedding of token t+1. Shares embedding and head."""
 
     def __init__(self, cfg: ModelConfig):

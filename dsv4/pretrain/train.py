@@ -662,7 +662,7 @@ class Trainer:
     def autocast(self):
         return bf16_autocast(self.tc.autocast == "bf16", self.device)
 
-    def forward_losses(self, batch, mtp_w: float) -> dict[str, torch.Tensor]:
+    def forward_losses(self, batch) -> dict[str, torch.Tensor]:
         """Summed losses of one micro-batch (sums, normalized by the caller) and counts."""
         pad = self.store.pad_id
         ids, targets, doc_ids = (t.to(self.device) for t in
@@ -711,7 +711,7 @@ class Trainer:
         totals = dict(ce=0.0, mtp=0.0, balance=0.0, indexer=0.0)
         self.load.reset()
         for batch in batches:
-            parts = self.forward_losses(batch, mtp_w)
+            parts = self.forward_losses(batch)
             # Sums over the global batch / global counts; x world because FSDP averages grads.
             loss = parts["ce"] / max(n_targets, 1)
             if "mtp" in parts:
