@@ -29,7 +29,7 @@ from dsv4 import ModelConfig  # noqa: E402
 from dsv4.inference.cache import KVCache  # noqa: E402
 from dsv4.inference.engine import CompiledDecode, forward_step  # noqa: E402
 from dsv4.model import costs  # noqa: E402
-from dsv4.model.network import Transformer  # noqa: E402
+from dsv4.model.network import Transformer, cast_model  # noqa: E402
 
 CHUNK = 512
 DECODE_STEPS = 16
@@ -243,7 +243,7 @@ def main() -> None:
     cfg = ModelConfig.from_preset(args.preset)
     model = Transformer(cfg)
     model.init_weights(seed=0)
-    model = model.to(torch.bfloat16).eval()
+    model = cast_model(model, torch.bfloat16).eval()  # as the commands load it
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"bf16, {torch.get_num_threads()} threads, decode batch {args.batch}", flush=True)
     # One cache for every context: compiled shapes follow the capacity, so one compile serves
@@ -256,7 +256,7 @@ def main() -> None:
         from parity_utils import hf_model_from
 
         hf = hf_model_from(model.float()).to(torch.bfloat16).eval()
-        model.to(torch.bfloat16)
+        cast_model(model, torch.bfloat16)
     rows, hf_rows = {}, {}
     with torch.inference_mode():
         for length in args.contexts:

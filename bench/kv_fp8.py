@@ -24,7 +24,7 @@ import dsv4  # noqa: E402
 from dsv4 import ModelConfig  # noqa: E402
 from dsv4.inference.cache import KVCache  # noqa: E402
 from dsv4.inference.engine import forward_step  # noqa: E402
-from dsv4.model.network import Transformer  # noqa: E402
+from dsv4.model.network import Transformer, cast_model  # noqa: E402
 
 
 def text_ids(tokenizer, length: int, vocab: int) -> torch.Tensor:
@@ -65,7 +65,7 @@ def main() -> None:
     else:
         model = Transformer(ModelConfig.from_preset("nano"))
         model.init_weights(seed=0)
-        model = model.to(torch.bfloat16)
+        model = cast_model(model, torch.bfloat16)
     model.eval()
     ids = text_ids(tokenizer, args.length, model.cfg.vocab_size)
     plain = logits_through_cache(model, ids, False, args.chunk)

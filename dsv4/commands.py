@@ -133,7 +133,7 @@ def load_inference_model(args: argparse.Namespace):
     """(model, tokenizer, label) from --run/--checkpoint or --preset/--config --random."""
     import torch
 
-    from dsv4.model.network import Transformer
+    from dsv4.model.network import Transformer, cast_model
     from dsv4.text.tokenizer import Tokenizer, byte_tokenizer
 
     if args.threads:
@@ -144,10 +144,12 @@ def load_inference_model(args: argparse.Namespace):
         raise CommandError("--run/--checkpoint loads trained weights: drop --preset, --config "
                            "and --random")
     if args.checkpoint:
-        import dsv4
-        from dsv4.weights.checkpoint import find_tokenizer
+        from dsv4.weights.checkpoint import find_tokenizer, load_plan, plan
 
-        model = dsv4.load(args.checkpoint, dtype=dtype, device=device)
+        checkpoint = plan(args.checkpoint)
+        for note in checkpoint.notes:  # what was filled in from the files, one line each
+            print(f"dsv4: {checkpoint.folder}: {note}", file=sys.stderr)
+        model = load_plan(checkpoint, dtype=dtype, device=device)
         tok_path = find_tokenizer(args.checkpoint)
         tokenizer = Tokenizer.from_file(tok_path) if tok_path else None
         label = args.checkpoint
@@ -160,7 +162,7 @@ def load_inference_model(args: argparse.Namespace):
         cfg, label = load_model_config(args)
         model = Transformer(cfg)
         model.init_weights(seed=args.seed)
-        model = model.to(device=device, dtype=dtype)
+        model = cast_model(model, dtype, device)
         tokenizer = None
         label = f"{label} (random weights)"
     if getattr(args, "tokenizer", None):

@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 
 import dsv4
-from dsv4.model import quant
+from dsv4.model import network, quant
 from dsv4.model.config import ModelConfig
-from dsv4.model.network import Transformer
+from dsv4.model.network import Transformer, keeps_fp32
 from dsv4.text.tokenizer import byte_tokenizer
 from dsv4.weights import checkpoint
 from dsv4.weights.checkpoint import CheckpointError, storage_class
@@ -292,6 +292,95 @@ def test_transformers_runtime_names_load(tmp_path: Path, model: Transformer) -> 
     plan = checkpoint.plan(folder)
     assert plan.format == "hf-runtime"
     same_state(dsv4.load(folder).state_dict(), without_mtp(model.state_dict()))
+
+
+# ---- precision: what a bf16 load keeps in fp32 ---------------------------------------------------
+def test_bf16_load_of_an_official_checkpoint_keeps_the_fp32_tensors(
+        tmp_path: Path, model: Transformer) -> None:
+    path = dsv4.save(model, tmp_path / "off", format="official", dtype="fp8", expert_dtype="fp4")
+    stored = dsv4.load(path).state_dict()  # each tensor as the release stores it
+    loaded = dsv4.load(path, dtype="bf16").state_dict()
+    kept = {n for n in loaded if keeps_fp32(n)}
+    # the release's F32 tensors, plus what the reference computes in fp32 (compressors, head)
+    assert {n for n in loaded if storage_class(n) == "f32"} <= kept
+    assert any("compressor.wkv" in n for n in kept) and "head.weight" in kept
+    for name, t in loaded.items():
+        if name in kept:
+            assert t.dtype == torch.float32 and torch.equal(t, stored[name].float()), name
+        elif t.is_floating_point():
+            assert t.dtype == torch.bfloat16, name
+    # cast_model (the commands' --random path) keeps them too, without a bf16 round trip
+    cast = network.cast_model(Transformer(tiny_config()).eval(), torch.bfloat16)
+    for name, p in cast.named_parameters():
+        assert p.dtype == (torch.float32 if keeps_fp32(name) else torch.bfloat16), name
+    assert cast.layers[1].attn.inv_freq.dtype == torch.float32
+
+
+def test_bf16_routing_equals_fp32_routing_where_the_margin_is_clear(
+        tmp_path: Path) -> None:
+    """The routing bias moves in steps of 0.001, below bf16 spacing once |b| >= 0.25: kept
+    fp32, a bf16 model routes the same tokens as an fp32 one wherever fp32 picks clearly."""
+    m = randomize(Transformer(tiny_config()), seed=2).eval()
+    gate = m.layers[2].ffn.gate
+    with torch.no_grad():
+        gate.bias.copy_(0.5 + 0.001 * torch.randperm(gate.bias.numel()).float())
+        gate.weight.mul_(0.05)  # scores within a few bias steps of each other
+    path = dsv4.save(m, tmp_path / "off", format="official", dtype="fp8", expert_dtype="fp4")
+    g32 = dsv4.load(path, dtype="fp32").layers[2].ffn.gate
+    g16 = dsv4.load(path, dtype="bf16").layers[2].ffn.gate
+    x = torch.randn(2000, m.cfg.dim, generator=torch.Generator().manual_seed(3))
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        scores = g32.scores(x.float()) + g32.bias
+        top = scores.topk(g32.topk + 1, dim=-1).values
+        clear = (top[:, -2] - top[:, -1]) > 1e-5  # fp32 noise is ~1e-7 here
+        want = g32(x.float(), None)[1].sort(-1).values
+        got = g16(x, None)[1].sort(-1).values
+        # the test bites: a bf16 bias picks other experts for some of these tokens
+        rounded = (scores - g32.bias + g32.bias.bfloat16().float()).topk(g32.topk).indices
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got[clear], want[clear])
+    assert not torch.equal(rounded.sort(-1).values[clear], want[clear])
+
+
+# ---- filled in from the files: expert dtype, MTP ------------------------------------------------
+def test_official_config_without_expert_dtype_reads_it_from_the_tensors(
+        tmp_path: Path, model: Transformer) -> None:
+    path = dsv4.save(model, tmp_path / "off", format="official", dtype="fp8", expert_dtype="fp4")
+    config = json.loads((path / "config.json").read_text())
+    config.pop("expert_dtype")  # the first upload's root config.json (read as FP8 experts)
+    config.get("quantization_config", {}).pop("expert_dtype", None)
+    (path / "config.json").write_text(json.dumps(config))
+    plan = checkpoint.plan(path)
+    assert plan.config.expert_dtype == "fp4"
+    assert any("expert_dtype" in note for note in plan.notes)
+    same_state(dsv4.load(path, dtype="fp32").state_dict(), release_values(model, "fp4"))
+
+
+def test_checkpoint_without_mtp_loads_without_the_mtp_block(
+        tmp_path: Path, model: Transformer, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from dsv4.commands import load_inference_model
+
+    path = dsv4.save(model, tmp_path / "off", format="official", dtype="fp8",
+                     expert_dtype="fp4", max_shard_bytes=60_000)
+    index = json.loads((path / checkpoint.INDEX_NAME).read_text())
+    mtp = {n for n in index["weight_map"] if n.startswith("mtp.")}
+    for file in sorted({index["weight_map"][n] for n in mtp}):
+        rewrite(path / file, lambda t: [t.pop(n) for n in mtp if n in t])
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if n not in mtp}
+    (path / checkpoint.INDEX_NAME).write_text(json.dumps(index))
+    plan = checkpoint.plan(path)
+    assert plan.config.n_mtp_layers == 0 and len(plan.notes) == 1
+    loaded = dsv4.load(path, dtype="fp32")
+    assert len(loaded.mtp) == 0
+    same_state(loaded.state_dict(), without_mtp(release_values(model, "fp4")))
+    args = argparse.Namespace(checkpoint=str(path), preset=None, config=None, random=False,
+                              seed=0, threads=None, device="cpu", dtype="fp32", tokenizer=None)
+    load_inference_model(args)
+    err = capsys.readouterr().err
+    assert sum("MTP" in line for line in err.splitlines()) == 1, err
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class CompressorCache:
             pooled = compress_windows(kv_w, gate_w, r, self.overlap, prev_kv, prev_gate)
             index = first + torch.arange(n_max, device=x.device)  # [B, n]
             cos, sin = rope_cos_sin(inv_freq, index * r)
-            entries = post(apply_rope(comp.norm(pooled), cos, sin))
+            entries = post(apply_rope(comp.normed(pooled, x.dtype), cos, sin))
             if static_shapes():
                 self.entries.write(slots, index, entries)
             else:
@@ -396,7 +396,7 @@ class KVCache:
         if kv_fp8 and cfg.nope_head_dim % KV_FP8_BLOCK:
             raise CacheError(f"kv_fp8 needs head_dim - rope_head_dim divisible by {KV_FP8_BLOCK}, "
                              f"got {cfg.nope_head_dim}")
-        param = next(model.parameters())
+        param = model.embed.weight  # the activations' dtype (mHC, sinks, head may stay fp32)
         dtype = dtype or param.dtype
         device = device or param.device
         self.capacity, self.slots, self.slack = capacity, slots, slack

@@ -31,6 +31,7 @@ Training additions (all optional, off by default):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -322,10 +323,20 @@ class Compressor(nn.Module):
     def project(
         self, x: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token kv and gate rows in fp32; gate gets `ape[slot in window]`. x: [B, S, dim]."""
-        kv = self.wkv(x).float()
-        gate = self.wgate(x).float() + self.ape.float()[positions % self.ratio]
+        """Per-token kv and gate rows in fp32; gate gets `ape[slot in window]`. x: [B, S, dim].
+
+        An fp32 GEMM whatever the activation dtype, as the official `Compressor` projects
+        (`cast_model` keeps wkv/wgate in fp32, so the casts here cost nothing there)."""
+        x32 = as_float(x)
+        kv = as_float(F.linear(x32, as_float(self.wkv.weight)))  # as_float: under autocast
+        gate = as_float(F.linear(x32, as_float(self.wgate.weight)))
+        gate = gate + as_float(self.ape)[positions % self.ratio]
         return kv, gate
+
+    def normed(self, pooled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """RMSNorm of fp32 pooled entries, rounded to the activation dtype first (the official
+        `Compressor` casts the pooled entry back to the input dtype before its norm)."""
+        return self.norm(pooled.to(dtype))
 
     def finish(
         self,
@@ -333,12 +344,14 @@ class Compressor(nn.Module):
         first_entry: int,
         inv_freq: torch.Tensor,
         entry_positions: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """RMSNorm, then RoPE at entry position i*ratio. pooled: [B, n, D] -> [B, n, D].
 
         entry_positions [B or 1, n]: explicit rotation positions (document-relative position of
-        each window's first token, in packed training); default (first_entry + i) * ratio."""
-        entries = self.norm(pooled)
+        each window's first token, in packed training); default (first_entry + i) * ratio.
+        dtype: the activations' (see `normed`)."""
+        entries = self.normed(pooled, dtype)
         if entry_positions is None:
             positions = torch.arange(pooled.shape[1], device=pooled.device) + first_entry
             entry_positions = (positions * self.ratio).unsqueeze(0)
@@ -351,7 +364,7 @@ class Compressor(nn.Module):
         positions = torch.arange(n * self.ratio, device=x.device)
         kv, gate = self.project(x[:, : n * self.ratio], positions)
         pooled = compress_windows(kv, gate, self.ratio, self.overlap)
-        return self.finish(pooled, 0, inv_freq)
+        return self.finish(pooled, 0, inv_freq, dtype=x.dtype)
 
     def forward_documents(
         self, x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
@@ -382,7 +395,7 @@ class Compressor(nn.Module):
             gate = torch.cat((low, gate[..., d:]), dim=-1).view(batch, length, 2 * d)
         pooled = compress_windows(kv, gate, self.ratio, self.overlap)
         entry_positions = positions[:, :length : self.ratio]
-        return self.finish(pooled, 0, inv_freq, entry_positions), entry_doc, entry_ok
+        return self.finish(pooled, 0, inv_freq, entry_positions, x.dtype), entry_doc, entry_ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1203,7 +1216,9 @@ class Transformer(nn.Module):
                              f"[n_layers={n}, batch, seq, k={k}] = {(n, *input_ids.shape, k)}")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head.weight.to(hidden.dtype)).float()
+        """fp32 logits from an fp32 GEMM, as the official head computes them (bf16 logits
+        would carry ~0.4% error into log-probs and top-p); `cast_model` keeps the head fp32."""
+        return as_float(F.linear(as_float(hidden), as_float(self.head.weight)))  # autocast too
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         """HC head then the final norm: [B, S, N, dim] -> [B, S, dim]."""
@@ -1264,6 +1279,32 @@ class Transformer(nn.Module):
 def column(slots: torch.Tensor | None) -> torch.Tensor | None:
     """Cache slots [B] as the [B, 1] index that broadcasts against positions [B, T]."""
     return None if slots is None else slots.unsqueeze(1)
+
+
+# Parameters the official inference code holds in fp32 whatever the weights' dtype: the release
+# stores the routing bias, mHC, the attention sinks and the compressors' `ape` in F32 (the bias
+# moves in steps of 0.001, below bf16 spacing once |b| >= 0.25, so bf16 would flip near-tied
+# experts); the compressors' projections and the head ship in BF16 but are computed in fp32.
+_FP32_PARAMS = re.compile(
+    r"(attn_sink|gate\.bias|\.ape|(^|\.)hc_\w+|compressor\.w(kv|gate)\.weight|^head\.weight)$")
+
+
+def keeps_fp32(name: str) -> bool:
+    """True for a parameter (state-dict name) that stays fp32 in a bf16/fp16 model."""
+    return bool(_FP32_PARAMS.search(name))
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
+    """`model.to(device, dtype)` except that `keeps_fp32` parameters become fp32 (an exact
+    upcast; never through `dtype`) and buffers keep their dtype (the RoPE tables stay fp32)."""
+    model.to(device=device)
+    if dtype is None:
+        return model
+    for name, p in model.named_parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    return model
 
 
 def rebuild_rope_tables(model: nn.Module, device: torch.device | str | None = None) -> None:

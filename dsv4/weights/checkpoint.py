@@ -515,7 +515,9 @@ class CheckpointPlan:
         return "hf" if self.format == "hf-runtime" else self.format
 
 
-def _read_config(folder: Path, fmt: str) -> ModelConfig:
+def _read_config(folder: Path, fmt: str) -> tuple[ModelConfig, bool]:
+    """The config, and whether it names the routed experts' dtype (the first upload of the
+    official weights has a root config.json without `expert_dtype`)."""
     path = folder / CONFIG_NAME
     if not path.is_file() and (folder / "inference" / CONFIG_NAME).is_file():
         path = folder / "inference" / CONFIG_NAME
@@ -527,8 +529,11 @@ def _read_config(folder: Path, fmt: str) -> ModelConfig:
         raise CheckpointError(f"{path}: cannot read: {err}") from None
     try:
         if fmt == "native" and isinstance(data, dict) and "quant_sim" in data:
-            return ModelConfig.from_dict(data)  # our own field names, every field
-        return ModelConfig.from_config_dict(data, str(path))
+            return ModelConfig.from_dict(data), True  # our own field names, every field
+        qc = data.get("quantization_config") if isinstance(data, dict) else None
+        named = isinstance(data, dict) and ("expert_dtype" in data or (
+            isinstance(qc, dict) and "expert_dtype" in qc))
+        return ModelConfig.from_config_dict(data, str(path)), named
     except ConfigError as err:
         message = str(err)
         raise CheckpointError(message if str(path) in message else f"{path}: {message}") \
@@ -551,18 +556,40 @@ def _without_mtp(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
 
 
+_EXPERT_DTYPE_ON_DISK = {"I8": "fp4", "U8": "fp4", "F8_E4M3": "fp8"}  # any float: "bf16"
+_PER_EXPERT = re.compile(r"^(model\.)?(layers|mtp)\.\d+\.(ffn|mlp)\.experts\.\d+\.\w+\.weight$")
+
+
+def _expert_dtype_on_disk(files: SafetensorsFolder) -> str | None:
+    """"fp4", "fp8" or "bf16": how the files store the per-expert weights (None: stacked)."""
+    name = next((n for n in files.infos if _PER_EXPERT.match(n)), None)
+    if name is None:
+        return None
+    return _EXPERT_DTYPE_ON_DISK.get(files.infos[name].dtype, "bf16")
+
+
 def plan(path: str | os.PathLike[str]) -> CheckpointPlan:
     """Read and check a checkpoint's config, index and headers (no tensor data): every tensor
-    the config implies must be there with the right shape and dtype, and nothing else."""
+    the config implies must be there with the right shape and dtype, and nothing else.
+
+    Two gaps are filled from the files, each with a note: a config without `expert_dtype`
+    takes the experts' dtype on disk, and a checkpoint without mtp.* tensors (transformers
+    drops them on save, some re-quantised uploads ship none) loads without the MTP block,
+    which only speculative decoding needs."""
     folder = resolve(path)
     files = SafetensorsFolder(folder)
     fmt = detect_format(files.infos, folder)
-    cfg = _read_config(folder, fmt)
+    cfg, names_expert_dtype = _read_config(folder, fmt)
     notes = []
-    if fmt in ("hf", "hf-runtime") and cfg.n_mtp_layers and \
-            not any(n.startswith("mtp.") for n in files.infos):
-        cfg = _without_mtp(cfg)  # transformers drops MTP on save
-        notes.append("no mtp.* tensors (a transformers save drops them): loaded without MTP")
+    on_disk = None if names_expert_dtype else _expert_dtype_on_disk(files)
+    if on_disk is not None and on_disk != cfg.expert_dtype:
+        cfg = cfg.replace(expert_dtype=on_disk)
+        notes.append(f"config.json names no expert_dtype: {on_disk} experts, as the files "
+                     "store them")
+    if cfg.n_mtp_layers and not any(n.startswith("mtp.") for n in files.infos):
+        cfg = _without_mtp(cfg)
+        notes.append("no mtp.* tensors: loaded without the MTP block (only speculative "
+                     "decoding needs it)")
     shapes, dtypes = _model_shapes(cfg)
     pieces = layout(cfg, shapes, fmt)
     _check(folder, files, pieces, dtypes, fmt)
@@ -630,12 +657,15 @@ def _check_piece(p: Piece, infos: dict[str, TensorInfo], target_dtype: torch.dty
 # =============================================================================================
 def _target_dtype(piece: Piece, files: SafetensorsFolder, dtype: torch.dtype | None,
                   like: torch.dtype) -> torch.dtype:
-    """dtype of one of our tensors after loading: `dtype` for floats when given, else as
-    stored (FP8/FP4 dequantize exactly into bf16); integer buffers keep their model dtype."""
+    """dtype of one of our tensors after loading: `dtype` for floats when given (fp32 for
+    the tensors the reference keeps in fp32, `network.keeps_fp32`), else as stored (FP8/FP4
+    dequantize exactly into bf16); integer buffers keep their model dtype."""
+    from dsv4.model.network import keeps_fp32
+
     if not like.is_floating_point:
         return like
     if dtype is not None:
-        return dtype
+        return torch.float32 if keeps_fp32(piece.target) else dtype
     if piece.encoding != "plain":
         return torch.bfloat16
     return DTYPES[files.infos[piece.disk].dtype]
@@ -656,8 +686,10 @@ def load(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
          progress: bool = False, verify: bool = True) -> Transformer:
     """Load a checkpoint folder or run directory of any layout (detected from tensor names).
 
-    dtype: of the floating-point parameters ("fp32", "bf16", "fp16" or a torch dtype); None
-    keeps each tensor's stored dtype, FP8/FP4 weights dequantized (exactly) to bf16.
+    dtype: of the floating-point parameters ("fp32", "bf16", "fp16" or a torch dtype), except
+    those the official inference code keeps in fp32 (`network.keeps_fp32`: routing bias, mHC,
+    sinks, compressors, head), which stay fp32; None keeps each tensor's stored dtype, FP8/FP4
+    weights dequantized (exactly) to bf16.
     device: where the weights go (default CPU; tensors stream there one at a time).
     quantized: keep FP8/FP4 weights in memory and dequantize in the matmul.
     verify: check every value as it is loaded (`check_values`: finite, within
