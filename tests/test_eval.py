@@ -134,7 +134,7 @@ def explicit_topk(model, ids: list[int]) -> dict[int, list[int]]:
             attn = model.layers[i].attn
             cos, sin = niah_rope(attn, positions)
             _, _, q_latent = attn.project(x, cos, sin)
-            _, mask = attn.compressed(x, q_latent, positions, cos, sin)
+            _, mask, _ = attn.compressed(x, q_latent, positions, cos, sin)
             out[i] = mask[0, -1].nonzero().squeeze(1).tolist()
     for h in hooks:
         h.remove()

@@ -672,8 +672,10 @@ class Attention(nn.Module):
         cos,
         sin,
         doc_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed entries [B, C, D] and which of them each query attends [B, S, C].
+        indexer_loss: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Compressed entries [B, C, D], which of them each query attends [B, S, C], and the
+        index scores [B, S, C] (None on HCA layers).
 
         Indexer training (V4 report, following V3.2's DSA recipe; the schedule is our decision):
         - `indexer_mode = "dense"` (the warm-up): a CSA layer attends every visible compressed
@@ -686,21 +688,6 @@ class Attention(nn.Module):
           (detached); q = softmax of the index scores over the same entries (all visible ones
           when dense, the top-k set when sparse).
         """
-        entries, mask, _ = self.compressed_scored(x, q_latent, positions, cos, sin, doc_ids)
-        return entries, mask
-
-    def compressed_scored(
-        self,
-        x: torch.Tensor,
-        q_latent: torch.Tensor,
-        positions: torch.Tensor,
-        cos,
-        sin,
-        doc_ids: torch.Tensor | None = None,
-        indexer_loss: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`compressed`, plus the index scores [B, S, C] (None on HCA layers); indexer_loss
-        detaches the indexer's inputs for its loss (see `compressed`)."""
         if doc_ids is None:
             entries = self.simulate_fp8(self.compressor(x, self.inv_freq))
             n_visible = visible_entries(positions, self.ratio)  # [1, S]
@@ -755,7 +742,7 @@ class Attention(nn.Module):
             return self.output(o, cos, sin), None
         entries = mask = scores = None
         if self.compressor is not None:
-            entries, mask, scores = self.compressed_scored(
+            entries, mask, scores = self.compressed(
                 x, q_latent, positions, cos, sin, doc_ids, indexer_loss
             )
         if not indexer_loss or scores is None:
